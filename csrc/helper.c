@@ -1,0 +1,207 @@
+/* mtls_engine's hand-written C: what cffi alone cannot express safely. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <openssl/opensslv.h>
+#include <openssl/ssl.h>
+#include <openssl/ui.h>
+
+#if !defined(OPENSSL_NO_ENGINE) && OPENSSL_VERSION_MAJOR < 4
+#include <openssl/engine.h> /* deprecated in 3.0, still the libp11 way */
+static const int MTLS_HAS_ENGINE = 1;
+#else
+static const int MTLS_HAS_ENGINE = 0;
+typedef struct engine_st ENGINE;
+#endif
+
+#if OPENSSL_VERSION_MAJOR >= 3
+#include <openssl/provider.h>
+static const int MTLS_HAS_PROVIDER = 1;
+#else
+static const int MTLS_HAS_PROVIDER = 0;
+#endif
+
+/* ---- which OpenSSL is this? ------------------------------------------ */
+
+/* Address of `sym` as resolved from the shared object `path` (which must
+   already be loaded: RTLD_NOLOAD) and its dependencies; path NULL means the
+   main program.  NULL when the object is not loaded or lacks the symbol
+   (for example an _ssl module with OpenSSL linked in statically and its
+   symbols hidden). */
+static void *mtls_symbol_in(const char *path, const char *sym)
+{
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    void *addr;
+    if (handle == NULL)
+        return NULL;
+    addr = dlsym(handle, sym);
+    dlclose(handle);
+    return addr;
+}
+
+/* Address of one of the OpenSSL functions this extension was linked with. */
+static void *mtls_own_symbol(const char *sym)
+{
+    if (strcmp(sym, "SSL_CTX_new") == 0)
+        return (void *)&SSL_CTX_new;
+    if (strcmp(sym, "OpenSSL_version_num") == 0)
+        return (void *)&OpenSSL_version_num;
+    return NULL;
+}
+
+/* File name of the shared object holding `addr`, or NULL. */
+static const char *mtls_library_of(void *addr)
+{
+    Dl_info info;
+    if (addr == NULL || dladdr(addr, &info) == 0)
+        return NULL;
+    return info.dli_fname;
+}
+
+/* 1 when the n bytes at p can be read, 0 when reading them would fault.
+   process_vm_readv on our own pid reports EFAULT instead of crashing. */
+static int mtls_readable(const void *p, size_t n)
+{
+    char buf[4096];
+    struct iovec local, remote;
+    size_t done = 0;
+    if (p == NULL)
+        return 0;
+    while (done < n) {
+        size_t chunk = n - done < sizeof(buf) ? n - done : sizeof(buf);
+        ssize_t got;
+        local.iov_base = buf;
+        local.iov_len = chunk;
+        remote.iov_base = (char *)p + done;
+        remote.iov_len = chunk;
+        got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+        if (got < 0 && (errno == ENOSYS || errno == EPERM)) {
+            /* Cannot probe here: fall back to a pipe, whose write also
+               fails with EFAULT on unreadable memory. */
+            int fds[2];
+            ssize_t w;
+            if (pipe(fds) != 0)
+                return 0;
+            w = write(fds[1], (const char *)p + done, chunk);
+            close(fds[0]);
+            close(fds[1]);
+            if (w != (ssize_t)chunk)
+                return 0;
+            got = w;
+        }
+        if (got != (ssize_t)chunk)
+            return 0;
+        done += chunk;
+    }
+    return 1;
+}
+
+/* The one assumption about CPython's layout.  In every CPython 3.x _ssl.c,
+ *
+ *     typedef struct { PyObject_HEAD  SSL_CTX *ctx; ... } PySSLContext;
+ *
+ * so the SSL_CTX pointer is the first field after the object header, whose
+ * size the caller passes (object.__basicsize__: it grows in debug/trace-refs
+ * and free-threaded builds).  This only *reads* a candidate: the caller
+ * must validate it (readable, and state read through it agrees with state
+ * read and changed through the Python API) before using it for anything. */
+static SSL_CTX *mtls_ctx_candidate(uintptr_t object_address, size_t header_size)
+{
+    SSL_CTX *const *slot = (SSL_CTX *const *)(object_address + header_size);
+    if (object_address == 0 || ((uintptr_t)slot % sizeof(void *)) != 0)
+        return NULL;
+    if (!mtls_readable(slot, sizeof(*slot)))
+        return NULL;
+    return *slot;
+}
+
+/* ---- engine backend ------------------------------------------------- */
+
+#if !defined(OPENSSL_NO_ENGINE) && OPENSSL_VERSION_MAJOR < 4
+
+/* A UI that never supplies a PIN.  mtls_engine logs in itself (once,
+   after checking the token's PIN counters); if the engine ever decides it
+   needs a PIN anyway, it must fail instead of prompting on a terminal or
+   trying a PIN of its own. */
+static int mtls_ui_refuse(UI *ui, UI_STRING *uis)
+{
+    (void)ui;
+    (void)uis;
+    return 0;
+}
+
+static UI_METHOD *mtls_refusing_ui(void)
+{
+    static UI_METHOD *method = NULL;
+    if (method == NULL) {
+        UI_METHOD *m = UI_create_method("mtls_engine: no PIN prompts");
+        if (m == NULL)
+            return NULL;
+        UI_method_set_reader(m, mtls_ui_refuse);
+        method = m;
+    }
+    return method;
+}
+
+/* Load libp11's engine from `so_path` as a private instance (not added to
+   OpenSSL's global engine list, so it cannot clash with an engine that an
+   openssl.cnf loaded) and point it at the PKCS#11 module.  Returns a
+   functional reference, or NULL with the reason on the error queue. */
+static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
+{
+    ENGINE *e = ENGINE_by_id("dynamic");
+    if (e == NULL)
+        return NULL;
+    if (!ENGINE_ctrl_cmd_string(e, "SO_PATH", so_path, 0)
+        || !ENGINE_ctrl_cmd_string(e, "ID", "pkcs11", 0)
+        || !ENGINE_ctrl_cmd_string(e, "LIST_ADD", "0", 0)
+        || !ENGINE_ctrl_cmd_string(e, "LOAD", NULL, 0)
+        || !ENGINE_ctrl_cmd_string(e, "MODULE_PATH", module_path, 0)
+        || !ENGINE_init(e)) {
+        ENGINE_free(e);
+        return NULL;
+    }
+    ENGINE_free(e); /* drop the structural reference; keep the functional one */
+    return e;
+}
+
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
+{
+    return ENGINE_load_private_key(e, uri, mtls_refusing_ui(), NULL);
+}
+
+static void mtls_engine_close(ENGINE *e)
+{
+    if (e != NULL)
+        ENGINE_finish(e);
+}
+
+#else
+
+static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
+{
+    (void)so_path;
+    (void)module_path;
+    return NULL;
+}
+
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
+{
+    (void)e;
+    (void)uri;
+    return NULL;
+}
+
+static void mtls_engine_close(ENGINE *e)
+{
+    (void)e;
+}
+
+#endif

@@ -1,0 +1,15 @@
+/* cdefs: the project's own small C helpers (csrc/helper.c). */
+static const int MTLS_HAS_ENGINE;
+static const int MTLS_HAS_PROVIDER;
+
+/* Interpreter checks */
+void *mtls_symbol_in(const char *, const char *);
+void *mtls_own_symbol(const char *);
+const char *mtls_library_of(void *);
+int mtls_readable(const void *, size_t);
+SSL_CTX *mtls_ctx_candidate(uintptr_t, size_t);
+
+/* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
+ENGINE *mtls_engine_open(const char *, const char *);
+EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *);
+void mtls_engine_close(ENGINE *);

@@ -1,0 +1,54 @@
+"""mtls_engine: TLS client (and server) authentication in Python's ``ssl``
+with a private key that stays on a smart card, HSM or PKCS#11 token."""
+
+from __future__ import annotations
+
+from ._errors import (
+    AmbiguousUri,
+    BackendUnavailable,
+    CertificateError,
+    CertKeyMismatch,
+    Error,
+    InterpreterSslError,
+    ModuleLoadError,
+    NotAnSSLContext,
+    ObjectNotFound,
+    OpenSSLError,
+    PinError,
+    PinFinalTry,
+    PinIncorrect,
+    PinLocked,
+    PinRequired,
+    Pkcs11Error,
+    TokenNotFound,
+    UriError,
+)
+from ._api import CardKey, client_context, load_card_key  # noqa: E402  (after errors: import may raise them)
+from ._p11 import TokenInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmbiguousUri",
+    "BackendUnavailable",
+    "CardKey",
+    "CertKeyMismatch",
+    "CertificateError",
+    "Error",
+    "InterpreterSslError",
+    "ModuleLoadError",
+    "NotAnSSLContext",
+    "ObjectNotFound",
+    "OpenSSLError",
+    "PinError",
+    "PinFinalTry",
+    "PinIncorrect",
+    "PinLocked",
+    "PinRequired",
+    "Pkcs11Error",
+    "TokenInfo",
+    "TokenNotFound",
+    "UriError",
+    "client_context",
+    "load_card_key",
+]

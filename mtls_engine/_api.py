@@ -1,0 +1,272 @@
+"""The public entry points: attach a card key to an ``ssl.SSLContext``."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import _backends
+from ._context import ssl_ctx_pointer
+from ._errors import (
+    CertificateError,
+    CertKeyMismatch,
+    ModuleLoadError,
+    ObjectNotFound,
+    OpenSSLError,
+    UriError,
+)
+from ._lib import consume_errors, ffi, lib
+from ._p11 import KeyObject, Module, TokenInfo
+from ._pin import MEMORY, PinArg, pin_getter
+from ._uri import ParsedUri, parse
+
+__all__ = ["CardKey", "client_context", "load_card_key"]
+
+MODULE_ENV = "MTLS_ENGINE_MODULE"
+
+# PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _adapt_sigalgs).
+_PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"
+
+
+@dataclass(frozen=True)
+class CardKey:
+    """What ``load_card_key`` attached (no secrets)."""
+
+    backend: str
+    module: str
+    token: TokenInfo
+    key_label: str
+    key_id: bytes
+    key_type: str
+    certificate: x509.Certificate = field(repr=False)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return self.certificate.subject.rfc4514_string()
+
+
+def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
+    if module is not None:
+        return os.fspath(module)
+    if uri.module_path:
+        return uri.module_path
+    env = os.environ.get(MODULE_ENV)
+    if env:
+        return env
+    raise ModuleLoadError(
+        f"no PKCS#11 module given; pass module='/path/to/pkcs11-module.so', set {MODULE_ENV}, "
+        "or add module-path=... to the key URI"
+    )
+
+
+def _read_cert_file(path: str) -> list[bytes]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise CertificateError(
+            f"cannot read certificate file {path!r}: {exc.strerror}; pass cert= a PEM file, a "
+            "pkcs11: URI, or None for the certificate stored next to the key"
+        ) from None
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise CertificateError(f"{path!r} holds no readable X.509 certificate ({exc})") from None
+    return [c.public_bytes(Encoding.DER) for c in certs]
+
+
+def _x509(der: bytes) -> Any:
+    buf = ffi.new("unsigned char[]", der)
+    pp = ffi.new("unsigned char **", buf)
+    cert = lib.d2i_X509(ffi.NULL, ffi.cast("const unsigned char **", pp), len(der))
+    if cert == ffi.NULL:
+        raise CertificateError(f"OpenSSL cannot decode a certificate ({'; '.join(consume_errors())})")
+    return ffi.gc(cert, lib.X509_free)
+
+
+def _matches(cert: Any, pkey: Any) -> bool:
+    ok = bool(lib.X509_check_private_key(cert, pkey))
+    consume_errors()
+    return ok
+
+
+def _token_certificates(
+    module: Module, token: TokenInfo, key: KeyObject, cert: str | None
+) -> tuple[list[bytes], str]:
+    """Candidate leaf certificates (DER) on the token, and what was searched."""
+    if cert is None:
+        if not key.id:
+            raise ObjectNotFound(
+                f"the key {key.label!r} on {token} has no CKA_ID, so its certificate cannot be "
+                "found; pass cert= a PEM file or a pkcs11: URI"
+            )
+        ders = module.certificates(token.slot_id, [(lib.CKA_ID, key.id)])
+        what = f"a certificate with id {key.id.hex()} (the key's id) on {token}"
+        return ders, what
+    curi = parse(cert, what="certificate")
+    if curi.object_type not in (None, "cert"):
+        raise UriError(f"the certificate URI {curi.safe!r} must have type=cert (or no type)")
+    ctoken = module.find_token(curi)
+    ders = module.certificates(ctoken.slot_id, curi.object_template())
+    return ders, f"a certificate matching {curi.describe_object()} on {ctoken}"
+
+
+def load_card_key(
+    ctx: ssl.SSLContext,
+    key: str,
+    cert: str | os.PathLike[str] | None = None,
+    module: str | os.PathLike[str] | None = None,
+    pin: PinArg = None,
+    backend: str = "auto",
+) -> CardKey:
+    """Attach the token's private key ``key`` (a ``pkcs11:`` URI) and its
+    certificate to ``ctx``; every handshake signature is then made by the
+    token.  ``cert``: None for the certificate stored with the key's id, a
+    ``pkcs11:`` URI, or a PEM/DER file (extra PEM certificates become the
+    chain).  Logs in at most once; raises a subclass of ``mtls_engine.Error``.
+    """
+    lib.ERR_clear_error()
+    try:
+        return _load_card_key(ctx, key, cert, module, pin, backend)
+    finally:
+        consume_errors()  # leave nothing for _ssl to misreport later
+
+
+def _load_card_key(
+    ctx: ssl.SSLContext,
+    key: str,
+    cert: str | os.PathLike[str] | None,
+    module: str | os.PathLike[str] | None,
+    pin: PinArg,
+    backend: str,
+) -> CardKey:
+    ssl_ctx = ssl_ctx_pointer(ctx)
+    key_uri = parse(key, what="key")
+    if key_uri.object_type not in (None, "private"):
+        raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")
+    chosen = _backends.choose(backend)
+    cert_arg = None if cert is None else os.fspath(cert)
+    cert_is_uri = cert_arg is not None and cert_arg[:7].lower() == "pkcs11:"
+    get_pin = pin_getter(pin, key_uri)
+    mod = Module.load(_module_path(module, key_uri))
+    token = mod.find_token(key_uri)
+    mod.login(token, get_pin, pin_memory=MEMORY)
+    key_obj = mod.find_private_key(token, key_uri)
+
+    if cert_arg is None or cert_is_uri:
+        chain_ders: list[bytes] = []
+        candidates, searched = _token_certificates(mod, token, key_obj, cert_arg)
+        if not candidates:
+            raise ObjectNotFound(
+                f"no certificate found: looked for {searched}. Store the certificate on the token "
+                "with the key's CKA_ID, or pass cert= a PEM file"
+            )
+    else:
+        ders = _read_cert_file(cert_arg)
+        candidates, chain_ders, searched = ders[:1], ders[1:], repr(cert_arg)
+
+    pkey = _backends.load_private_key(chosen, mod, token, key_obj)
+    certs = [_x509(d) for d in candidates]
+    matching = [c for c in certs if _matches(c, pkey)]
+    if not matching:
+        subjects = ", ".join(x509.load_der_x509_certificate(d).subject.rfc4514_string() for d in candidates)
+        raise CertKeyMismatch(
+            f"the certificate ({searched}: {subjects}) does not belong to the private key "
+            f"{key_obj.label!r} (id {key_obj.id.hex()}) on {token}; use the certificate issued "
+            "for this key"
+        )
+    if len(matching) > 1:
+        # Several certificates for the same key (typically a renewal): take
+        # the one valid longest, which is what a user renewing expects.
+        pairs = [(x509.load_der_x509_certificate(d), c) for d, c in zip(candidates, certs) if c in matching]
+        pairs.sort(key=lambda p: p[0].not_valid_after_utc, reverse=True)
+        leaf_obj, leaf = pairs[0]
+    else:
+        leaf = matching[0]
+        leaf_obj = x509.load_der_x509_certificate(candidates[certs.index(leaf)])
+
+    if not lib.SSL_CTX_use_certificate(ssl_ctx, leaf):
+        raise OpenSSLError("OpenSSL refused the certificate for this context", consume_errors())
+    for der in chain_ders:
+        if not lib.SSL_CTX_add1_chain_cert(ssl_ctx, _x509(der)):
+            raise OpenSSLError("OpenSSL refused a chain certificate", consume_errors())
+    if not lib.SSL_CTX_use_PrivateKey(ssl_ctx, pkey):
+        raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
+    if not lib.SSL_CTX_check_private_key(ssl_ctx):
+        raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
+    notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj)
+    info = CardKey(
+        backend=chosen,
+        module=mod.path,
+        token=token,
+        key_label=key_obj.label,
+        key_id=key_obj.id,
+        key_type=_key_type_name(pkey),
+        certificate=leaf_obj,
+        notes=tuple(notes),
+    )
+    return info
+
+
+def _key_type_name(pkey: Any) -> str:
+    kid = lib.EVP_PKEY_get_id(pkey)
+    bits = lib.EVP_PKEY_get_bits(pkey)
+    if kid == lib.EVP_PKEY_RSA:
+        return f"RSA-{bits}"
+    if kid == lib.EVP_PKEY_EC:
+        return f"EC-{bits}"
+    return f"type {kid} ({bits} bits)"
+
+
+def _adapt_sigalgs(ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenInfo, key: KeyObject) -> list[str]:
+    """Many cards cannot do RSA-PSS.  TLS 1.3 requires PSS for RSA, and TLS
+    1.2 picks PSS when both sides offer it, so such a key fails every
+    handshake with an opaque error.  When the token (or the key's
+    CKA_ALLOWED_MECHANISMS) lacks RSA-PSS, sign with PKCS#1 v1.5 only and cap
+    this context at TLS 1.2, and say so."""
+    if key.key_type != lib.CKK_RSA:
+        return []
+    pss = lib.CKM_RSA_PKCS_PSS
+    allowed = mod.attribute(token.slot_id, key.handle, lib.CKA_ALLOWED_MECHANISMS)
+    if allowed:
+        n = len(allowed) // ffi.sizeof("unsigned long")
+        arr = ffi.cast("unsigned long *", ffi.from_buffer(allowed))
+        key_pss = any(int(arr[i]) == pss for i in range(n))
+    else:
+        key_pss = True
+    if key_pss and pss in mod.mechanisms(token.slot_id):
+        return []
+    if not lib.SSL_CTX_set1_client_sigalgs_list(ssl_ctx, _PKCS1_SIGALGS):
+        raise OpenSSLError("cannot restrict signature algorithms to PKCS#1 v1.5", consume_errors())
+    if ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED or ctx.maximum_version > ssl.TLSVersion.TLSv1_2:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ["the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most"]
+
+
+def client_context(
+    key: str,
+    cert: str | os.PathLike[str] | None = None,
+    cafile: str | os.PathLike[str] | None = None,
+    module: str | os.PathLike[str] | None = None,
+    pin: PinArg = None,
+    backend: str = "auto",
+    *,
+    capath: str | os.PathLike[str] | None = None,
+    cadata: str | bytes | None = None,
+) -> ssl.SSLContext:
+    """A client ``SSLContext`` that proves itself with the card key and
+    verifies the server (chain to ``cafile``/``capath``/``cadata``, or the
+    system's CAs, and host name), TLS 1.2 or newer."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend)
+    return ctx

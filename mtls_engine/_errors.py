@@ -1,0 +1,110 @@
+"""Exceptions: one class per thing a user can fix.  Messages name what was
+looked for and what to do; they never contain a PIN."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousUri",
+    "BackendUnavailable",
+    "CertKeyMismatch",
+    "CertificateError",
+    "Error",
+    "InterpreterSslError",
+    "ModuleLoadError",
+    "NotAnSSLContext",
+    "ObjectNotFound",
+    "OpenSSLError",
+    "Pkcs11Error",
+    "PinError",
+    "PinFinalTry",
+    "PinIncorrect",
+    "PinLocked",
+    "PinRequired",
+    "TokenNotFound",
+    "UriError",
+]
+
+
+class Error(Exception):
+    """Base class of every error mtls_engine raises on purpose."""
+
+
+class InterpreterSslError(Error):
+    """This interpreter's ``ssl`` module cannot be used with mtls_engine
+    (other OpenSSL than the extension's, OpenSSL linked statically into
+    ``_ssl``, or an ``SSLContext`` layout that failed validation)."""
+
+
+class NotAnSSLContext(Error, TypeError):
+    """The object given is not an ``ssl.SSLContext``."""
+
+
+class BackendUnavailable(Error):
+    """The requested backend (libp11 engine or pkcs11-provider) is missing."""
+
+
+class ModuleLoadError(Error):
+    """The PKCS#11 module could not be found, loaded or initialised."""
+
+
+class UriError(Error, ValueError):
+    """A ``pkcs11:`` URI is malformed or asks for something unsupported."""
+
+
+class TokenNotFound(Error):
+    """No token matches the URI."""
+
+
+class ObjectNotFound(Error):
+    """No key or certificate on the token matches the URI."""
+
+
+class AmbiguousUri(Error):
+    """The URI matches several tokens or several objects; mtls_engine never
+    guesses (and never logs in to a token it had to guess)."""
+
+
+class PinError(Error):
+    """Base class of PIN problems."""
+
+
+class PinRequired(PinError):
+    """The token needs a PIN and none was given."""
+
+
+class PinIncorrect(PinError):
+    """The token rejected the PIN (that PIN will not be offered again)."""
+
+
+class PinLocked(PinError):
+    """The user PIN is locked: only the security officer can unblock it."""
+
+
+class PinFinalTry(PinLocked):
+    """One more wrong PIN would lock the card, so mtls_engine did not try."""
+
+
+class CertKeyMismatch(Error):
+    """The certificate's public key does not belong to the private key."""
+
+
+class CertificateError(Error, ValueError):
+    """A certificate file or token certificate cannot be read or parsed."""
+
+
+class Pkcs11Error(Error):
+    """A PKCS#11 call failed with a code no more specific class covers."""
+
+    def __init__(self, message: str, rv: int | None = None) -> None:
+        super().__init__(message)
+        self.rv = rv
+
+
+class OpenSSLError(Error):
+    """An OpenSSL call failed; ``errors`` holds the drained error queue."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        self.errors = list(errors or [])
+        if self.errors:
+            message = f"{message} (OpenSSL: {'; '.join(self.errors)})"
+        super().__init__(message)

@@ -1,0 +1,412 @@
+"""A small PKCS#11 layer over p11-kit: load a module once per process, find
+the one token and the one object a URI names, and log in safely.
+
+mtls_engine does the login itself, before the backend touches the token,
+because only here can it (a) refuse a token whose PIN is on its final try or
+locked, (b) refuse to log in to a token it had to guess, (c) log in on a
+pinpad reader without a PIN, and (d) know the exact PKCS#11 result, so a
+wrong PIN is tried exactly once.  PKCS#11 login state belongs to the whole
+process, so the engine or provider then finds the token logged in.  A
+session per token stays open for the life of the process: closing the last
+session would log the token out.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import (
+    AmbiguousUri,
+    ModuleLoadError,
+    ObjectNotFound,
+    Pkcs11Error,
+    PinIncorrect,
+    PinLocked,
+    PinFinalTry,
+    PinRequired,
+    TokenNotFound,
+)
+from ._lib import ffi, lib
+from ._uri import ParsedUri
+
+CKR_NAMES = {
+    0x000: "CKR_OK",
+    0x003: "CKR_SLOT_ID_INVALID",
+    0x005: "CKR_GENERAL_ERROR",
+    0x006: "CKR_FUNCTION_FAILED",
+    0x030: "CKR_DEVICE_ERROR",
+    0x031: "CKR_DEVICE_MEMORY",
+    0x032: "CKR_DEVICE_REMOVED",
+    0x0A0: "CKR_PIN_INCORRECT",
+    0x0A1: "CKR_PIN_INVALID",
+    0x0A2: "CKR_PIN_LEN_RANGE",
+    0x0A3: "CKR_PIN_EXPIRED",
+    0x0A4: "CKR_PIN_LOCKED",
+    0x0B0: "CKR_SESSION_CLOSED",
+    0x0B3: "CKR_SESSION_HANDLE_INVALID",
+    0x0E0: "CKR_TOKEN_NOT_PRESENT",
+    0x0E1: "CKR_TOKEN_NOT_RECOGNIZED",
+    0x100: "CKR_USER_ALREADY_LOGGED_IN",
+    0x101: "CKR_USER_NOT_LOGGED_IN",
+    0x102: "CKR_USER_PIN_NOT_INITIALIZED",
+    0x190: "CKR_CRYPTOKI_NOT_INITIALIZED",
+    0x191: "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+}
+
+
+def ckr(rv: int) -> str:
+    return CKR_NAMES.get(rv, f"CKR {rv:#x}")
+
+
+def _pad(raw: Any) -> str:
+    return bytes(raw).decode("utf-8", "replace").rstrip(" \x00")
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a PIN callback is told about the token that asks for a PIN."""
+
+    label: str
+    manufacturer: str
+    model: str
+    serial: str
+    flags: int
+    slot_id: int
+
+    @property
+    def protected_authentication_path(self) -> bool:
+        return bool(self.flags & lib.CKF_PROTECTED_AUTHENTICATION_PATH)
+
+    def __str__(self) -> str:
+        return f"token {self.label!r} (serial {self.serial}, {self.manufacturer} {self.model})"
+
+
+@dataclass(frozen=True)
+class KeyObject:
+    handle: int
+    id: bytes
+    label: str
+    key_type: int
+
+
+class Module:
+    """One loaded, initialised PKCS#11 module (cached per path, never
+    finalised: the backend shares it)."""
+
+    _cache: dict[str, Module] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, path: str, functions: Any) -> None:
+        self.path = path
+        self.fl = functions
+        self._lock = threading.RLock()
+        self._sessions: dict[int, int] = {}
+        info = ffi.new("CK_INFO *")
+        self._check(self.fl.C_GetInfo(info), "C_GetInfo")
+        self.info = info
+        self.manufacturer = _pad(info.manufacturerID)
+        self.description = _pad(info.libraryDescription)
+        self.cryptoki_version = (info.cryptokiVersion.major, info.cryptokiVersion.minor)
+
+    @classmethod
+    def load(cls, path: str) -> Module:
+        real = os.path.realpath(path)
+        with cls._cache_lock:
+            mod = cls._cache.get(real)
+            if mod is not None:
+                return mod
+            if not os.path.exists(path):
+                raise ModuleLoadError(
+                    f"PKCS#11 module {path!r} does not exist; pass module= (or set "
+                    "MTLS_ENGINE_MODULE) to the path of your card's PKCS#11 library, "
+                    "e.g. /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+                )
+            fl = lib.p11_kit_module_load(path.encode(), lib.P11_KIT_MODULE_UNMANAGED)
+            if fl == ffi.NULL:
+                why = lib.p11_kit_message()
+                detail = ffi.string(why).decode("utf-8", "replace") if why != ffi.NULL else "unknown reason"
+                raise ModuleLoadError(
+                    f"cannot load PKCS#11 module {path!r}: {detail}; check that it is a PKCS#11 "
+                    "library for this machine's architecture and that its dependencies are installed"
+                )
+            args = ffi.new("CK_C_INITIALIZE_ARGS *")
+            args.flags = lib.CKF_OS_LOCKING_OK
+            rv = fl.C_Initialize(args)
+            if rv not in (lib.CKR_OK, lib.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+                raise ModuleLoadError(
+                    f"PKCS#11 module {path!r} failed to initialise ({ckr(rv)}); check its "
+                    "configuration (for SoftHSM2: SOFTHSM2_CONF and its token directory)"
+                )
+            mod = cls(path, fl)
+            cls._cache[real] = mod
+            return mod
+
+    # -- slots and tokens ---------------------------------------------------
+
+    def _check(self, rv: int, call: str, what: str = "") -> None:
+        if rv != lib.CKR_OK:
+            raise Pkcs11Error(
+                f"{call} failed with {ckr(rv)}{' ' + what if what else ''} (module {self.path})", rv
+            )
+
+    def tokens(self) -> list[TokenInfo]:
+        """Every slot with a token present."""
+        with self._lock:
+            n = ffi.new("unsigned long *")
+            self._check(self.fl.C_GetSlotList(1, ffi.NULL, n), "C_GetSlotList")
+            slots = ffi.new("CK_SLOT_ID[]", max(n[0], 1))
+            self._check(self.fl.C_GetSlotList(1, slots, n), "C_GetSlotList")
+            return [self.token_info(int(slots[i])) for i in range(n[0])]
+
+    def token_info(self, slot_id: int) -> TokenInfo:
+        info = self._raw_token_info(slot_id)
+        return TokenInfo(
+            label=_pad(info.label),
+            manufacturer=_pad(info.manufacturerID),
+            model=_pad(info.model),
+            serial=_pad(info.serialNumber),
+            flags=int(info.flags),
+            slot_id=slot_id,
+        )
+
+    def _raw_token_info(self, slot_id: int) -> Any:
+        info = ffi.new("CK_TOKEN_INFO *")
+        self._check(self.fl.C_GetTokenInfo(slot_id, info), "C_GetTokenInfo")
+        return info
+
+    def find_token(self, uri: ParsedUri) -> TokenInfo:
+        """The one token the URI names.  TokenNotFound / AmbiguousUri."""
+        if not uri.matches_module(self.info):
+            raise TokenNotFound(
+                f"the URI {uri.safe!r} names a library that module {self.path!r} is not "
+                f"({self.manufacturer} / {self.description}); fix its library-* attributes "
+                "or use the right module"
+            )
+        all_tokens = self.tokens()
+        matches = []
+        for tok in all_tokens:
+            slot_info = ffi.new("CK_SLOT_INFO *")
+            self._check(self.fl.C_GetSlotInfo(tok.slot_id, slot_info), "C_GetSlotInfo")
+            if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(
+                self._raw_token_info(tok.slot_id)
+            ):
+                matches.append(tok)
+        if not matches:
+            present = ", ".join(str(t) for t in all_tokens) or "none"
+            raise TokenNotFound(
+                f"no token matches {uri.safe!r} in module {self.path!r}; tokens present: "
+                f"{present}. Insert the card, or fix the URI's token/serial attributes"
+            )
+        if len(matches) > 1:
+            raise AmbiguousUri(
+                f"{len(matches)} tokens match {uri.safe!r}: "
+                + ", ".join(str(t) for t in matches)
+                + ". Add serial=... (or token=...) to the URI so it names exactly one; "
+                "mtls_engine does not log in to a token it would have to guess"
+            )
+        return matches[0]
+
+    # -- sessions and login --------------------------------------------------
+
+    def session(self, slot_id: int) -> int:
+        """The long-lived session of this token (kept open to keep the login)."""
+        with self._lock:
+            h = self._sessions.get(slot_id)
+            if h is not None:
+                return h
+            out = ffi.new("CK_SESSION_HANDLE *")
+            self._check(
+                self.fl.C_OpenSession(slot_id, lib.CKF_SERIAL_SESSION, ffi.NULL, ffi.NULL, out),
+                "C_OpenSession",
+            )
+            self._sessions[slot_id] = int(out[0])
+            return int(out[0])
+
+    def logged_in(self, slot_id: int) -> bool:
+        info = ffi.new("CK_SESSION_INFO *")
+        self._check(self.fl.C_GetSessionInfo(self.session(slot_id), info), "C_GetSessionInfo")
+        return info.state in (lib.CKS_RO_USER_FUNCTIONS, lib.CKS_RW_USER_FUNCTIONS)
+
+    def login(
+        self,
+        token: TokenInfo,
+        get_pin: Callable[[TokenInfo], bytes | None],
+        *,
+        pin_memory: Any,
+        allow_final_try: bool = False,
+    ) -> None:
+        """Log the token in, at most one C_Login, only when it is safe."""
+        with self._lock:
+            if self.logged_in(token.slot_id):
+                return
+            fresh = self.token_info(token.slot_id)
+            if not fresh.flags & lib.CKF_LOGIN_REQUIRED:
+                return
+            if fresh.flags & lib.CKF_USER_PIN_LOCKED:
+                raise PinLocked(
+                    f"the user PIN of {fresh} is locked; mtls_engine did not try to log in. "
+                    "Have it unblocked with the security officer PIN or PUK (e.g. pkcs11-tool "
+                    "--unlock-pin)"
+                )
+            if fresh.flags & lib.CKF_USER_PIN_FINAL_TRY and not allow_final_try:
+                raise PinFinalTry(
+                    f"{fresh} reports that one more wrong PIN will lock it, so mtls_engine did "
+                    "not log in. Check the PIN with your card vendor's tool first"
+                )
+            if fresh.protected_authentication_path:
+                pin = None  # pinpad reader: the PIN is entered on the reader
+            else:
+                pin = get_pin(fresh)
+                if pin is None:
+                    raise PinRequired(
+                        f"{fresh} needs a PIN and none was given; pass pin=... (a str, bytes or "
+                        "a callable) or add pin-source=file:... to the URI"
+                    )
+                if pin_memory.rejected(fresh, pin):
+                    raise PinIncorrect(
+                        f"{fresh} already rejected this PIN in this process; mtls_engine will "
+                        "not offer it again (each wrong try brings the card closer to locking)"
+                    )
+            session = self.session(token.slot_id)
+            if pin is None:
+                rv = self.fl.C_Login(session, lib.CKU_USER, ffi.NULL, 0)
+            else:
+                buf = ffi.new("unsigned char[]", pin)
+                try:
+                    rv = self.fl.C_Login(session, lib.CKU_USER, buf, len(pin))
+                finally:
+                    ffi.memmove(buf, b"\x00" * len(pin), len(pin))
+            if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
+                return
+            if rv == lib.CKR_PIN_INCORRECT:
+                if pin is not None:
+                    pin_memory.remember(fresh, pin)
+                after = self.token_info(token.slot_id)
+                state = ""
+                if after.flags & lib.CKF_USER_PIN_LOCKED:
+                    state = " The PIN is now locked."
+                elif after.flags & lib.CKF_USER_PIN_FINAL_TRY:
+                    state = " One try is left before the card locks."
+                elif after.flags & lib.CKF_USER_PIN_COUNT_LOW:
+                    state = " Few tries are left."
+                raise PinIncorrect(
+                    f"{fresh} rejected the PIN (CKR_PIN_INCORRECT); it was tried once and will not "
+                    f"be tried again.{state} Check the PIN before retrying"
+                )
+            if rv == lib.CKR_PIN_LOCKED:
+                raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
+            if rv == lib.CKR_PIN_LEN_RANGE:
+                raise PinIncorrect(
+                    f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN"
+                )
+            self._check(rv, "C_Login", f"on {fresh}")
+
+    # -- objects -----------------------------------------------------------
+
+    def find_objects(self, slot_id: int, template: list[tuple[int, bytes]]) -> list[int]:
+        with self._lock:
+            session = self.session(slot_id)
+            keep = []
+            attrs = ffi.new("CK_ATTRIBUTE[]", max(len(template), 1))
+            for i, (atype, value) in enumerate(template):
+                buf = ffi.new("unsigned char[]", value or b"\x00")
+                keep.append(buf)
+                attrs[i].type = atype
+                attrs[i].pValue = buf
+                attrs[i].ulValueLen = len(value)
+            self._check(self.fl.C_FindObjectsInit(session, attrs, len(template)), "C_FindObjectsInit")
+            found: list[int] = []
+            try:
+                handles = ffi.new("CK_OBJECT_HANDLE[]", 32)
+                n = ffi.new("unsigned long *")
+                while True:
+                    self._check(self.fl.C_FindObjects(session, handles, 32, n), "C_FindObjects")
+                    found.extend(int(handles[i]) for i in range(n[0]))
+                    if n[0] < 32:
+                        break
+            finally:
+                self.fl.C_FindObjectsFinal(session)
+            return found
+
+    def attribute(self, slot_id: int, handle: int, atype: int) -> bytes | None:
+        with self._lock:
+            session = self.session(slot_id)
+            attr = ffi.new("CK_ATTRIBUTE *")
+            attr.type = atype
+            attr.pValue = ffi.NULL
+            rv = self.fl.C_GetAttributeValue(session, handle, attr, 1)
+            if rv != lib.CKR_OK or attr.ulValueLen == int(ffi.cast("unsigned long", -1)):
+                return None
+            buf = ffi.new("unsigned char[]", max(attr.ulValueLen, 1))
+            attr.pValue = buf
+            rv = self.fl.C_GetAttributeValue(session, handle, attr, 1)
+            if rv != lib.CKR_OK:
+                return None
+            return bytes(ffi.buffer(buf, attr.ulValueLen))
+
+    def ulong_attribute(self, slot_id: int, handle: int, atype: int) -> int | None:
+        raw = self.attribute(slot_id, handle, atype)
+        if raw is None or len(raw) != ffi.sizeof("unsigned long"):
+            return None
+        return int(ffi.cast("unsigned long *", ffi.from_buffer(raw))[0])
+
+    def describe(self, slot_id: int, handle: int) -> KeyObject:
+        return KeyObject(
+            handle=handle,
+            id=self.attribute(slot_id, handle, lib.CKA_ID) or b"",
+            label=(self.attribute(slot_id, handle, lib.CKA_LABEL) or b"").decode("utf-8", "replace"),
+            key_type=self.ulong_attribute(slot_id, handle, lib.CKA_KEY_TYPE) or -1,
+        )
+
+    def find_private_key(self, token: TokenInfo, uri: ParsedUri) -> KeyObject:
+        """The one private key the URI names on ``token``."""
+        template = [(t, v) for t, v in uri.object_template() if t != lib.CKA_CLASS]
+        template.append((lib.CKA_CLASS, _ulong(lib.CKO_PRIVATE_KEY)))
+        handles = self.find_objects(token.slot_id, template)
+        if not handles:
+            others = self.find_objects(token.slot_id, [(lib.CKA_CLASS, _ulong(lib.CKO_PRIVATE_KEY))])
+            listing = ", ".join(_show(self.describe(token.slot_id, h)) for h in others) or "none"
+            raise ObjectNotFound(
+                f"no private key matches {uri.describe_object()} on {token}; private keys "
+                f"there: {listing}. Fix the URI's object= or id="
+            )
+        if len(handles) > 1:
+            listing = ", ".join(_show(self.describe(token.slot_id, h)) for h in handles)
+            raise AmbiguousUri(
+                f"{len(handles)} private keys match {uri.describe_object()} on {token}: "
+                f"{listing}. Add object=... or id=... to the URI so it names exactly one"
+            )
+        return self.describe(token.slot_id, handles[0])
+
+    def certificates(self, slot_id: int, template: list[tuple[int, bytes]]) -> list[bytes]:
+        """DER of every certificate matching the template."""
+        template = [(t, v) for t, v in template if t != lib.CKA_CLASS]
+        template.append((lib.CKA_CLASS, _ulong(lib.CKO_CERTIFICATE)))
+        out = []
+        for h in self.find_objects(slot_id, template):
+            der = self.attribute(slot_id, h, lib.CKA_VALUE)
+            if der:
+                out.append(der)
+        return out
+
+    def mechanisms(self, slot_id: int) -> set[int]:
+        with self._lock:
+            n = ffi.new("unsigned long *")
+            if self.fl.C_GetMechanismList(slot_id, ffi.NULL, n) != lib.CKR_OK:
+                return set()
+            mechs = ffi.new("CK_MECHANISM_TYPE[]", max(n[0], 1))
+            if self.fl.C_GetMechanismList(slot_id, mechs, n) != lib.CKR_OK:
+                return set()
+            return {int(mechs[i]) for i in range(n[0])}
+
+
+def _ulong(value: int) -> bytes:
+    return bytes(ffi.buffer(ffi.new("unsigned long *", value)))
+
+
+def _show(obj: KeyObject) -> str:
+    return f"{obj.label or '(no label)'} (id {obj.id.hex() or 'none'})"

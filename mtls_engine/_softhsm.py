@@ -1,0 +1,251 @@
+"""Throwaway SoftHSM2 tokens and a test PKI, for the demo, tests and
+benchmarks (never for real cards).
+
+Each token store lives in its own folder with its own ``softhsm2.conf``, so
+nothing touches the machine's token store.  Keys are generated *on* the
+token (sensitive, never extractable) with GnuTLS's ``p11tool``; the PIN
+reaches it through the environment, never through a process argument.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# The documented default user PIN of the original card middleware; it exists
+# only for demo and test tokens made here.
+DEMO_PIN = "00000000"
+DEMO_SO_PIN = "12345678"
+
+
+class KeyKind(enum.Enum):
+    RSA2048 = ("rsa", "--bits=2048")
+    P256 = ("ecdsa", "--curve=secp256r1")
+    P384 = ("ecdsa", "--curve=secp384r1")
+
+
+def softhsm_module() -> str | None:
+    """Path of SoftHSM2's PKCS#11 module, or None when not installed."""
+    env = os.environ.get("MTLS_ENGINE_SOFTHSM_MODULE")
+    if env:
+        return env if os.path.exists(env) else None
+    multiarch = ""
+    try:
+        multiarch = subprocess.run(
+            ["gcc", "-print-multiarch"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        pass
+    candidates = [
+        f"/usr/lib/{multiarch}/softhsm/libsofthsm2.so" if multiarch else "",
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib64/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+        "/usr/lib64/pkcs11/libsofthsm2.so",
+    ]
+    for c in candidates:
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+def missing_tools() -> list[str]:
+    """Tools this module needs that are not installed."""
+    missing = [t for t in ("softhsm2-util", "p11tool") if shutil.which(t) is None]
+    if softhsm_module() is None:
+        missing.append("libsofthsm2.so")
+    return missing
+
+
+@dataclass
+class TokenStore:
+    """A SoftHSM2 configuration whose tokens live in ``directory``."""
+
+    directory: Path
+    module: str
+
+    @property
+    def conf(self) -> Path:
+        return self.directory / "softhsm2.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SOFTHSM2_CONF": str(self.conf)}
+
+    @classmethod
+    def create(cls, directory: Path) -> TokenStore:
+        module = softhsm_module()
+        if module is None:
+            raise RuntimeError("SoftHSM2 is not installed (Debian: apt-get install softhsm2)")
+        directory.mkdir(parents=True, exist_ok=True)
+        tokens = directory / "tokens"
+        tokens.mkdir(exist_ok=True)
+        store = cls(directory, module)
+        store.conf.write_text(
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
+            "slots.removable = false\n"
+        )
+        return store
+
+    def _run(self, args: list[str], pin: str | None = None) -> str:
+        env = {**os.environ, **self.env}
+        if pin is not None:
+            env["GNUTLS_PIN"] = pin
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def init_token(self, label: str, pin: str = DEMO_PIN, so_pin: str = DEMO_SO_PIN) -> Token:
+        # softhsm2-util takes PINs only as arguments or at a terminal prompt;
+        # these are the public demo/test PINs of a throwaway token.
+        self._run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin])
+        out = self._run(["softhsm2-util", "--show-slots"])
+        serial = ""
+        for block in out.split("\n\n"):
+            if re.search(rf"Label:\s+{re.escape(label)}\s*$", block, re.MULTILINE):
+                m = re.search(r"Serial number:\s+(\S+)", block)
+                serial = m.group(1) if m else ""
+        return Token(self, label, pin, serial)
+
+
+@dataclass
+class Token:
+    store: TokenStore
+    label: str
+    pin: str
+    serial: str
+    keys: dict[str, bytes] = field(default_factory=dict)
+
+    def uri(self, **attrs: str) -> str:
+        parts = [f"token={self.label}"] + [f"{k}={v}" for k, v in attrs.items()]
+        return "pkcs11:" + ";".join(parts)
+
+    def generate_key(self, kind: KeyKind, label: str, key_id: str) -> bytes:
+        """Generate a key pair on the token (p11tool makes private keys sensitive
+        and never extractable); returns the public key (PEM)."""
+        algo, size = kind.value
+        out = self.store._run(
+            ["p11tool", f"--provider={self.store.module}", "--login", f"--generate-privkey={algo}", size,
+             f"--label={label}", f"--id={key_id}", f"pkcs11:token={self.label}"],
+            pin=self.pin,
+        )  # fmt: skip
+        m = re.search(r"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", out, re.DOTALL)
+        if not m:
+            raise RuntimeError(f"p11tool printed no public key for {label}")
+        pem = m.group(0).encode()
+        self.keys[label] = pem
+        return pem
+
+    def store_certificate(self, cert: x509.Certificate, label: str, key_id: str, workdir: Path) -> None:
+        path = workdir / f"{self.label}-{label}-{key_id}.pem"
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self.store._run(
+            ["p11tool", f"--provider={self.store.module}", "--login", "--write", "--no-mark-private",
+             f"--load-certificate={path}", f"--label={label}", f"--id={key_id}", f"pkcs11:token={self.label}"],
+            pin=self.pin,
+        )  # fmt: skip
+
+
+# ---- test PKI ------------------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+@dataclass
+class CA:
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str) -> CA:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(days=1))
+            .not_valid_after(_now() + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(name, key, cert)
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(
+        self,
+        public_key_pem: bytes,
+        common_name: str,
+        *,
+        client: bool = True,
+        dns_names: tuple[str, ...] = (),
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> x509.Certificate:
+        public_key = serialization.load_pem_public_key(public_key_pem)
+        eku = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or _now() - datetime.timedelta(days=1))
+            .not_valid_after(not_after or _now() + datetime.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+        )
+        if dns_names:
+            sans: list[x509.GeneralName] = []
+            for n in dns_names:
+                try:
+                    sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+                except ValueError:
+                    sans.append(x509.DNSName(n))
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_server_files(self, directory: Path, host: str = "localhost") -> tuple[Path, Path]:
+        """A file-based server key and certificate for ``host`` (and 127.0.0.1)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        cert = self.issue(pub, host, client=False, dns_names=(host, "127.0.0.1"))
+        cert_path = directory / f"server-{host}.pem"
+        key_path = directory / f"server-{host}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path

@@ -1,0 +1,143 @@
+"""Session fixtures: one throwaway SoftHSM2 token store with real keys
+generated on the tokens, a test PKI, and real TLS servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mtls_engine import _softhsm
+from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip locally when a tool is missing; in CI a missing tool is a failure."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required in CI: {reason}")
+        pytest.skip(reason)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"OpenSSL (ssl module): {ssl.OPENSSL_VERSION}"]
+    for pkg in ("softhsm2", "libengine-pkcs11-openssl", "pkcs11-provider", "p11-kit"):
+        try:
+            v = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True, check=False
+            ).stdout
+        except OSError:
+            v = ""
+        lines.append(f"{pkg}: {v or 'not installed'}")
+    return ["; ".join(lines)]
+
+
+@dataclass
+class CardKeySpec:
+    kind: KeyKind
+    label: str
+    key_id: str  # hex
+
+    @property
+    def uri_id(self) -> str:
+        return "".join(f"%{self.key_id[i:i+2]}" for i in range(0, len(self.key_id), 2))
+
+
+CARD_KEYS = {
+    KeyKind.RSA2048: CardKeySpec(KeyKind.RSA2048, "rsa2048", "01"),
+    KeyKind.P256: CardKeySpec(KeyKind.P256, "ec256", "02"),
+    KeyKind.P384: CardKeySpec(KeyKind.P384, "ec384", "03"),
+}
+
+
+@dataclass
+class Pki:
+    workdir: Path
+    store: TokenStore
+    ca: CA
+    ca_file: Path
+    other_ca_file: Path
+    server_cert: Path
+    server_key: Path
+    card1: Token
+    pintest: Token
+    card2: Token
+    rsa_cert_file: Path  # card1's RSA certificate as a PEM file
+
+    @property
+    def module(self) -> str:
+        return self.store.module
+
+    def key_uri(self, kind: KeyKind, token: Token | None = None) -> str:
+        spec = CARD_KEYS[kind]
+        return (token or self.card1).uri(object=spec.label, type="private")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    missing = _softhsm.missing_tools()
+    need(not missing, f"SoftHSM2 test token needs: {', '.join(missing)}")
+    work = tmp_path_factory.mktemp("pki")
+    store = TokenStore.create(work / "softhsm")
+    # Every PKCS#11 load in this process must see this store, never the
+    # machine's own token directory.
+    os.environ["SOFTHSM2_CONF"] = str(store.conf)
+    ca = CA.create("mtls_engine test CA")
+    ca_file = work / "ca.pem"
+    ca_file.write_bytes(ca.pem)
+    other = CA.create("some other CA")
+    other_ca_file = work / "other-ca.pem"
+    other_ca_file.write_bytes(other.pem)
+    server_cert, server_key = ca.issue_server_files(work, "localhost")
+
+    card1 = store.init_token("card1")
+    rsa_cert_file = work / "card1-rsa.pem"
+    for spec in CARD_KEYS.values():
+        pub = card1.generate_key(spec.kind, spec.label, spec.key_id)
+        cert = ca.issue(pub, f"card-holder {spec.label}")
+        card1.store_certificate(cert, spec.label, spec.key_id, work)
+        if spec.kind is KeyKind.RSA2048:
+            rsa_cert_file.write_bytes(cert.public_bytes(_softhsm.serialization.Encoding.PEM))
+    # Two keys with one label: a URI naming that label is ambiguous.
+    card1.generate_key(KeyKind.P256, "twin", "10")
+    card1.generate_key(KeyKind.P256, "twin", "11")
+    # A key whose certificate slot holds somebody else's certificate.
+    card1.generate_key(KeyKind.P256, "wrongcert", "05")
+    rsa_cert = _softhsm.x509.load_pem_x509_certificate(rsa_cert_file.read_bytes())
+    card1.store_certificate(rsa_cert, "wrongcert", "05", work)
+
+    # Tokens for PIN tests (login state is per process and token) and for
+    # URIs that match more than one token.
+    pintest = store.init_token("pintest")
+    card2 = store.init_token("card2")
+    for tok in (pintest, card2):
+        pub = tok.generate_key(KeyKind.P256, "ec256", "02")
+        tok.store_certificate(ca.issue(pub, f"card-holder {tok.label}"), "ec256", "02", work)
+    return Pki(work, store, ca, ca_file, other_ca_file, server_cert, server_key, card1, pintest, card2,
+               rsa_cert_file)  # fmt: skip
+
+
+@pytest.fixture
+def spy_log(tmp_path: Path) -> Path:
+    """A pkcs11-spy log file in a temporary folder (it records PINs in clear;
+    the folder is deleted with the test)."""
+    return tmp_path / "pkcs11-spy.log"
+
+
+def spy_module() -> str | None:
+    for c in ("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so", "/usr/lib/pkcs11-spy.so"):
+        if os.path.exists(c):
+            return c
+    found = shutil.which("pkcs11-tool")
+    if found:
+        base = Path(found).resolve().parent.parent / "lib"
+        for p in base.rglob("pkcs11-spy.so"):
+            return str(p)
+    return None

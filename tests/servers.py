@@ -1,0 +1,111 @@
+"""Real TLS servers on loopback that require a client certificate."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(str(client_ca))
+    return ctx
+
+
+class EchoServer:
+    """Accepts TLS connections; answers each with the client certificate's
+    subject and the TLS version; remembers what it saw and refused."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[dict[str, str]] = []
+        self.errors: list[str] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            raw.settimeout(10)
+            try:
+                with self.ctx.wrap_socket(raw, server_side=True) as tls:
+                    peer = tls.getpeercert() or {}
+                    subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
+                    info = {"subject": subject, "version": tls.version() or ""}
+                    self.seen.append(info)
+                    tls.recv(100)
+                    tls.sendall(json.dumps(info).encode())
+            except (ssl.SSLError, OSError) as exc:
+                self.errors.append(str(exc))
+                raw.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(5)
+
+
+@contextmanager
+def echo_server(ctx: ssl.SSLContext) -> Iterator[EchoServer]:
+    srv = EchoServer(ctx)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        peer = self.connection.getpeercert() or {}  # type: ignore[attr-defined]
+        subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
+        body = json.dumps({"subject": subject, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def https_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join(5)
+
+
+def talk(ctx: ssl.SSLContext, port: int, host: str = "localhost") -> dict[str, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(b"hello")
+            data = b""
+            while True:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    return json.loads(data)

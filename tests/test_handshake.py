@@ -1,0 +1,132 @@
+"""Real handshakes through ssl.SSLContext with keys that stay on the token."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import urllib.request
+
+import pytest
+
+import mtls_engine
+from mtls_engine._softhsm import KeyKind
+
+from .conftest import CARD_KEYS, Pki
+from .servers import echo_server, https_server, server_context, talk
+
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.fixture(scope="module")
+def srv_ctx(pki: Pki) -> ssl.SSLContext:
+    return server_context(pki.server_cert, pki.server_key, pki.ca_file)
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("kind", list(KeyKind), ids=lambda k: k.name)
+def test_card_key_handshake(pki: Pki, srv_ctx: ssl.SSLContext, kind: KeyKind, version: ssl.TLSVersion) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(kind), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend="engine"
+    )
+    ctx.minimum_version = ctx.maximum_version = version
+    with echo_server(srv_ctx) as srv:
+        answer = talk(ctx, srv.port)
+    assert answer["subject"] == f"commonName=card-holder {CARD_KEYS[kind].label}"
+    assert answer["version"] == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+
+
+def test_load_card_key_reports_what_it_attached(pki: Pki) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P384), module=pki.module, pin=pki.card1.pin)
+    assert info.backend == "engine"
+    assert info.token.label == "card1"
+    assert info.key_type == "EC-384"
+    assert info.key_id == b"\x03"
+    assert info.subject == "CN=card-holder ec384"
+    assert pki.card1.pin not in repr(info)
+
+
+def test_module_from_environment(pki: Pki, monkeypatch: pytest.MonkeyPatch, srv_ctx: ssl.SSLContext) -> None:
+    monkeypatch.setenv("MTLS_ENGINE_MODULE", pki.module)
+    ctx = mtls_engine.client_context(key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, pin=pki.card1.pin)
+    with echo_server(srv_ctx) as srv:
+        assert talk(ctx, srv.port)["subject"] == "commonName=card-holder ec256"
+
+
+def test_certificate_from_pem_file(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(KeyKind.RSA2048), cert=pki.rsa_cert_file, cafile=pki.ca_file,
+        module=pki.module, pin=pki.card1.pin,
+    )  # fmt: skip
+    with echo_server(srv_ctx) as srv:
+        assert talk(ctx, srv.port)["subject"] == "commonName=card-holder rsa2048"
+
+
+def test_certificate_by_uri(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.card1.uri(id="%02"), cert=pki.card1.uri(object="ec256", type="cert"),
+        cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin,
+    )  # fmt: skip
+    with echo_server(srv_ctx) as srv:
+        assert talk(ctx, srv.port)["subject"] == "commonName=card-holder ec256"
+
+
+def test_pin_callable_gets_token_info(pki: Pki) -> None:
+    asked = []
+
+    def pin(token: mtls_engine.TokenInfo) -> str:
+        asked.append(token.label)
+        return pki.card2.pin
+
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P256, pki.card2), module=pki.module, pin=pin)
+    assert asked == ["card2"]
+    # Logged in already: a second load asks for no PIN and does not log in.
+    ctx2 = ssl.create_default_context(cafile=str(pki.ca_file))
+    mtls_engine.load_card_key(ctx2, pki.key_uri(KeyKind.P256, pki.card2), module=pki.module, pin=pin)
+    assert asked == ["card2"]
+
+
+def test_server_verification_is_on_by_default_wrong_ca(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(KeyKind.P256), cafile=pki.other_ca_file, module=pki.module, pin=pki.card1.pin
+    )
+    with echo_server(srv_ctx) as srv:
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            talk(ctx, srv.port)
+
+
+def test_server_verification_is_on_by_default_wrong_host(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin
+    )
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    with echo_server(srv_ctx) as srv:
+        with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+            talk(ctx, srv.port, host="not-localhost.example")
+
+
+def test_server_without_card_sees_no_certificate(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+    """Control: the same server refuses a client without the card key."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    with echo_server(srv_ctx) as srv:
+        with pytest.raises((ssl.SSLError, ConnectionError, json.JSONDecodeError)):
+            talk(ctx, srv.port)
+
+
+def test_urllib_and_http_client(pki: Pki) -> None:
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin
+    )
+    srv = server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    with https_server(srv) as port:
+        with urllib.request.urlopen(f"https://localhost:{port}/urllib", context=ctx, timeout=10) as resp:
+            assert json.load(resp) == {"subject": "commonName=card-holder ec256", "path": "/urllib"}
+        conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=10)
+        try:
+            conn.request("GET", "/http.client")
+            body = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        assert body == {"subject": "commonName=card-holder ec256", "path": "/http.client"}
