@@ -186,7 +186,8 @@ class Module:
                 f"({self.manufacturer} / {self.description}); fix its library-* attributes "
                 "or use the right module"
             )
-        all_tokens = self.tokens()
+        # An uninitialised token (SoftHSM2 always offers one) holds no keys.
+        all_tokens = [t for t in self.tokens() if t.flags & lib.CKF_TOKEN_INITIALIZED]
         matches = []
         for tok in all_tokens:
             slot_info = ffi.new("CK_SLOT_INFO *")

@@ -148,6 +148,10 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
                 f"the {what} URI {redact(uri)!r} has an unknown query attribute {key!r}; known "
                 "ones are " + ", ".join(sorted(_QUERY_ATTRS))
             )
+    types = [urllib.parse.unquote(v) for k, v in _split_path(uri) if k == "type"]
+    obj_type = types[0] if types else None
+    if obj_type is not None and obj_type not in ("private", "public", "cert", "secret-key", "data"):
+        raise UriError(f"the {what} URI {redact(uri)!r} has an unknown type {obj_type!r}")
     handle = ffi.gc(lib.p11_kit_uri_new(), lib.p11_kit_uri_free)
     rc = lib.p11_kit_uri_parse(uri.encode("utf-8"), lib.P11_KIT_URI_FOR_ANY, handle)
     if rc != lib.P11_KIT_URI_OK:
@@ -155,10 +159,6 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
         raise UriError(f"the {what} URI {redact(uri)!r} is malformed: {reason}")
     if lib.p11_kit_uri_any_unrecognized(handle):
         raise UriError(f"the {what} URI {redact(uri)!r} has a value p11-kit does not recognise")
-    types = [urllib.parse.unquote(v) for k, v in _split_path(uri) if k == "type"]
-    obj_type = types[0] if types else None
-    if obj_type is not None and obj_type not in ("private", "public", "cert", "secret-key", "data"):
-        raise UriError(f"the {what} URI {redact(uri)!r} has an unknown type {obj_type!r}")
     has_obj = any(k in ("object", "id") for k, _ in _split_path(uri))
     return ParsedUri(uri, handle, obj_type, has_obj)
 

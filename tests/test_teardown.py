@@ -1,0 +1,46 @@
+"""A process that used a card key exits cleanly (status 0, no crash)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtls_engine._softhsm import KeyKind
+
+from .conftest import Pki
+from .helpers import run_python
+
+SCRIPT = """
+import gc, os
+import mtls_engine
+from tests.servers import echo_server, server_context, talk
+
+srv_ctx = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+keep = []
+with echo_server(srv_ctx) as srv:
+    for uri in os.environ["T_URIS"].split(","):
+        ctx = mtls_engine.client_context(key=uri, cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                         pin=os.environ["T_PIN"])
+        for _ in range(3):
+            print(talk(ctx, srv.port)["subject"])
+        keep.append(ctx)
+if os.environ["T_MODE"] == "drop":
+    keep.clear()
+    gc.collect()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep-contexts-alive", "drop"])
+def test_exit_status_zero_after_handshakes(pki: Pki, mode: str) -> None:
+    uris = [pki.key_uri(k) for k in KeyKind]
+    proc = run_python(
+        SCRIPT,
+        env={"T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key),
+             "T_CA": str(pki.ca_file), "T_URIS": ",".join(uris), "T_MODULE": pki.module,
+             "T_PIN": pki.card1.pin, "T_MODE": mode},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "done"
+    assert lines.count("commonName=card-holder rsa2048") == 3
+    assert lines.count("commonName=card-holder ec384") == 3
