@@ -39,9 +39,7 @@ def _loaded_openssl_libraries() -> list[str]:
 
 def _pkg_config(*args: str) -> list[str]:
     try:
-        out = subprocess.run(
-            ["pkg-config", *args], check=True, capture_output=True, text=True
-        ).stdout
+        out = subprocess.run(["pkg-config", *args], check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     return shlex.split(out)
@@ -65,10 +63,10 @@ def _build_flags() -> dict[str, list[str]]:
         libs = _loaded_openssl_libraries()
         if len(libs) != 2:
             sys.exit(
-                "mtls_engine: this Python's _ssl module does not load libssl and "
-                "libcrypto as shared libraries (found: %r). mtls_engine needs the "
+                f"mtls_engine: this Python's _ssl module does not load libssl and "
+                f"libcrypto as shared libraries (found: {libs!r}). mtls_engine needs the "
                 "same shared OpenSSL as the interpreter; use a Python built against "
-                "a shared OpenSSL, or set MTLS_ENGINE_OPENSSL_PREFIX." % (libs,)
+                "a shared OpenSSL, or set MTLS_ENGINE_OPENSSL_PREFIX."
             )
         # Link by full path: records the same soname _ssl uses and does not
         # depend on the unversioned libssl.so development link.
@@ -77,9 +75,7 @@ def _build_flags() -> dict[str, list[str]]:
         inc = os.path.normpath(os.path.join(libdir, "..", "include"))
         if os.path.exists(os.path.join(inc, "openssl", "ssl.h")) and not inc.startswith("/usr"):
             include_dirs.append(inc)
-        if libdir not in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") and not libdir.startswith(
-            ("/lib/", "/usr/lib/")
-        ):
+        if libdir not in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") and not libdir.startswith(("/lib/", "/usr/lib/")):
             runtime_dirs.append(libdir)
     p11 = _pkg_config("--cflags", "p11-kit-1")
     include_dirs += [a[2:] for a in p11 if a.startswith("-I")]

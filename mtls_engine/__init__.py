@@ -3,6 +3,7 @@ with a private key that stays on a smart card, HSM or PKCS#11 token."""
 
 from __future__ import annotations
 
+from ._api import CardKey, client_context, load_card_key
 from ._errors import (
     AmbiguousUri,
     BackendUnavailable,
@@ -23,7 +24,6 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
-from ._api import CardKey, client_context, load_card_key  # noqa: E402  (after errors: import may raise them)
 from ._p11 import TokenInfo
 
 __version__ = "0.1.0"

@@ -99,9 +99,7 @@ def _matches(cert: Any, pkey: Any) -> bool:
     return ok
 
 
-def _token_certificates(
-    module: Module, token: TokenInfo, key: KeyObject, cert: str | None
-) -> tuple[list[bytes], str]:
+def _token_certificates(module: Module, token: TokenInfo, key: KeyObject, cert: str | None) -> tuple[list[bytes], str]:
     """Candidate leaf certificates (DER) on the token, and what was searched."""
     if cert is None:
         if not key.id:

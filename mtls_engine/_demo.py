@@ -17,6 +17,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -65,7 +66,7 @@ def load_demo(directory: Path) -> dict[str, str] | None:
 def serve_once(ctx: ssl.SSLContext, sock: socket.socket, seen: list[str]) -> None:
     raw, _ = sock.accept()
     with ctx.wrap_socket(raw, server_side=True) as tls:
-        peer = tls.getpeercert() or {}
+        peer: Any = tls.getpeercert() or {}
         subject = ", ".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
         issuer = ", ".join(f"{k}={v}" for rdn in peer.get("issuer", ()) for k, v in rdn)
         seen.append(f"{subject} (issued by {issuer}, serial {peer.get('serialNumber')}, {tls.version()})")

@@ -14,12 +14,12 @@ __all__ = [
     "NotAnSSLContext",
     "ObjectNotFound",
     "OpenSSLError",
-    "Pkcs11Error",
     "PinError",
     "PinFinalTry",
     "PinIncorrect",
     "PinLocked",
     "PinRequired",
+    "Pkcs11Error",
     "TokenNotFound",
     "UriError",
 ]

@@ -17,17 +17,17 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ._errors import (
     AmbiguousUri,
     ModuleLoadError,
     ObjectNotFound,
-    Pkcs11Error,
+    PinFinalTry,
     PinIncorrect,
     PinLocked,
-    PinFinalTry,
     PinRequired,
+    Pkcs11Error,
     TokenNotFound,
 )
 from ._lib import ffi, lib
@@ -97,8 +97,8 @@ class Module:
     """One loaded, initialised PKCS#11 module (cached per path, never
     finalised: the backend shares it)."""
 
-    _cache: dict[str, Module] = {}
-    _cache_lock = threading.Lock()
+    _cache: ClassVar[dict[str, Module]] = {}
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, path: str, functions: Any) -> None:
         self.path = path
@@ -149,9 +149,7 @@ class Module:
 
     def _check(self, rv: int, call: str, what: str = "") -> None:
         if rv != lib.CKR_OK:
-            raise Pkcs11Error(
-                f"{call} failed with {ckr(rv)}{' ' + what if what else ''} (module {self.path})", rv
-            )
+            raise Pkcs11Error(f"{call} failed with {ckr(rv)}{' ' + what if what else ''} (module {self.path})", rv)
 
     def tokens(self) -> list[TokenInfo]:
         """Every slot with a token present."""
@@ -192,9 +190,7 @@ class Module:
         for tok in all_tokens:
             slot_info = ffi.new("CK_SLOT_INFO *")
             self._check(self.fl.C_GetSlotInfo(tok.slot_id, slot_info), "C_GetSlotInfo")
-            if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(
-                self._raw_token_info(tok.slot_id)
-            ):
+            if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(self._raw_token_info(tok.slot_id)):
                 matches.append(tok)
         if not matches:
             present = ", ".join(str(t) for t in all_tokens) or "none"
@@ -301,9 +297,7 @@ class Module:
             if rv == lib.CKR_PIN_LOCKED:
                 raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
             if rv == lib.CKR_PIN_LEN_RANGE:
-                raise PinIncorrect(
-                    f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN"
-                )
+                raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
             self._check(rv, "C_Login", f"on {fresh}")
 
     # -- objects -----------------------------------------------------------

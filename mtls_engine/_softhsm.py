@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # The documented default user PIN of the original card middleware; it exists
@@ -94,8 +94,7 @@ class TokenStore:
         tokens.mkdir(exist_ok=True)
         store = cls(directory, module)
         store.conf.write_text(
-            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-            "slots.removable = false\n"
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
         )
         return store
 
@@ -185,9 +184,7 @@ class CA:
             .not_valid_before(_now() - datetime.timedelta(days=1))
             .not_valid_after(_now() + datetime.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -219,9 +216,7 @@ class CA:
             .not_valid_after(not_after or _now() + datetime.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
         if dns_names:
             sans: list[x509.GeneralName] = []
@@ -236,9 +231,7 @@ class CA:
     def issue_server_files(self, directory: Path, host: str = "localhost") -> tuple[Path, Path]:
         """A file-based server key and certificate for ``host`` (and 127.0.0.1)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        pub = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         cert = self.issue(pub, host, client=False, dns_names=(host, "127.0.0.1"))
         cert_path = directory / f"server-{host}.pem"
         key_path = directory / f"server-{host}.key"

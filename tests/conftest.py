@@ -47,7 +47,7 @@ class CardKeySpec:
 
     @property
     def uri_id(self) -> str:
-        return "".join(f"%{self.key_id[i:i+2]}" for i in range(0, len(self.key_id), 2))
+        return "".join(f"%{self.key_id[i : i + 2]}" for i in range(0, len(self.key_id), 2))
 
 
 CARD_KEYS = {

@@ -70,7 +70,7 @@ def echo_server(ctx: ssl.SSLContext) -> Iterator[EchoServer]:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         peer = self.connection.getpeercert() or {}  # type: ignore[attr-defined]
         subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
         body = json.dumps({"subject": subject, "path": self.path}).encode()

@@ -88,7 +88,7 @@ def test_module_that_is_not_a_pkcs11_library(pki: Pki, tmp_path: Path) -> None:
 
 def test_no_module_at_all(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MTLS_ENGINE_MODULE", raising=False)
-    with pytest.raises(mtls_engine.ModuleLoadError, match="no PKCS#11 module given.*MTLS_ENGINE_MODULE"):
+    with pytest.raises(mtls_engine.ModuleLoadError, match=r"no PKCS#11 module given.*MTLS_ENGINE_MODULE"):
         mtls_engine.load_card_key(_ctx(pki), pki.key_uri(KeyKind.P256), pin=pki.card1.pin)
 
 
@@ -141,7 +141,7 @@ def test_unknown_backend(pki: Pki) -> None:
 
 
 def test_not_an_ssl_context(pki: Pki) -> None:
-    with pytest.raises(mtls_engine.NotAnSSLContext, match="expected an ssl.SSLContext, got builtins.dict"):
+    with pytest.raises(mtls_engine.NotAnSSLContext, match=r"expected an ssl\.SSLContext, got builtins\.dict"):
         mtls_engine.load_card_key({}, pki.key_uri(KeyKind.P256), module=pki.module)  # type: ignore[arg-type]
 
 
