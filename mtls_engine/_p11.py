@@ -350,11 +350,12 @@ class Module:
         return int(ffi.cast("unsigned long *", ffi.from_buffer(raw))[0])
 
     def describe(self, slot_id: int, handle: int) -> KeyObject:
+        key_type = self.ulong_attribute(slot_id, handle, lib.CKA_KEY_TYPE)  # CKK_RSA is 0
         return KeyObject(
             handle=handle,
             id=self.attribute(slot_id, handle, lib.CKA_ID) or b"",
             label=(self.attribute(slot_id, handle, lib.CKA_LABEL) or b"").decode("utf-8", "replace"),
-            key_type=self.ulong_attribute(slot_id, handle, lib.CKA_KEY_TYPE) or -1,
+            key_type=-1 if key_type is None else key_type,
         )
 
     def find_private_key(self, token: TokenInfo, uri: ParsedUri) -> KeyObject:

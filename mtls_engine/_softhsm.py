@@ -13,9 +13,13 @@ import datetime
 import enum
 import ipaddress
 import os
+import pty
 import re
+import select
 import shutil
 import subprocess
+import termios
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +67,7 @@ def softhsm_module() -> str | None:
 
 def missing_tools() -> list[str]:
     """Tools this module needs that are not installed."""
-    missing = [t for t in ("softhsm2-util", "p11tool") if shutil.which(t) is None]
+    missing = [t for t in ("softhsm2-util", "p11tool", "pkcs11-tool") if shutil.which(t) is None]
     if softhsm_module() is None:
         missing.append("libsofthsm2.so")
     return missing
@@ -148,6 +152,31 @@ class Token:
         self.keys[label] = pem
         return pem
 
+    def generate_rsa_without_pss(self, label: str, key_id: str) -> bytes:
+        """An RSA-2048 key that, like many real cards, can sign only with
+        PKCS#1 v1.5 (CKA_ALLOWED_MECHANISMS).  Needs OpenSSC's pkcs11-tool,
+        which reads the PIN only at a terminal: it gets one (a pty)."""
+        store = self.store
+        env = {**os.environ, **store.env}
+        mechs = "RSA-PKCS,SHA256-RSA-PKCS,SHA384-RSA-PKCS,SHA512-RSA-PKCS"
+        code, out = _run_with_tty_pin(
+            ["pkcs11-tool", "--module", store.module, "--token-label", self.label, "--login", "--keypairgen",
+             "--key-type", "rsa:2048", "--id", key_id, "--label", label, "--allowed-mechanisms", mechs],
+            self.pin, env,
+        )  # fmt: skip
+        if code != 0:
+            raise RuntimeError(f"pkcs11-tool --keypairgen failed: {out.strip()[-500:]}")
+        der_path = store.directory / f"{self.label}-{label}.pub.der"
+        store._run(
+            ["pkcs11-tool", "--module", store.module, "--token-label", self.label, "--read-object",
+             "--type", "pubkey", "--id", key_id, "-o", str(der_path)]
+        )  # fmt: skip
+        pem = serialization.load_der_public_key(der_path.read_bytes()).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.keys[label] = pem
+        return pem
+
     def store_certificate(self, cert: x509.Certificate, label: str, key_id: str, workdir: Path) -> None:
         path = workdir / f"{self.label}-{label}-{key_id}.pem"
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -156,6 +185,43 @@ class Token:
              f"--load-certificate={path}", f"--label={label}", f"--id={key_id}", f"pkcs11:token={self.label}"],
             pin=self.pin,
         )  # fmt: skip
+
+
+def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run a tool that insists on reading the PIN from a terminal, answering
+    its prompt through a pseudo-terminal (never through argv)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.execvpe(args[0], args, env)
+        finally:
+            os._exit(127)
+    out = b""
+    sent = False
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 60)
+            if not ready:
+                break
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not sent and b"PIN" in out:
+                # The tool turns echo off with TCSAFLUSH, which discards
+                # input typed before it: wait for echo to go off first.
+                deadline = time.monotonic() + 10
+                while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os.write(fd, pin.encode() + b"\n")
+                sent = True
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
 
 
 # ---- test PKI ------------------------------------------------------------

@@ -113,6 +113,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     rsa_cert = _softhsm.x509.load_pem_x509_certificate(rsa_cert_file.read_bytes())
     card1.store_certificate(rsa_cert, "wrongcert", "05", work)
 
+    # RSA without PSS, as on many real cards.
+    pub = card1.generate_rsa_without_pss("nopss", "09")
+    card1.store_certificate(ca.issue(pub, "card-holder nopss"), "nopss", "09", work)
+
     # Tokens for PIN tests (login state is per process and token) and for
     # URIs that match more than one token.
     pintest = store.init_token("pintest")

@@ -130,3 +130,27 @@ def test_urllib_and_http_client(pki: Pki) -> None:
         finally:
             conn.close()
         assert body == {"subject": "commonName=card-holder ec256", "path": "/http.client"}
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_rsa_key_without_pss(pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLSVersion) -> None:
+    """A card that cannot sign RSA-PSS: mtls_engine restricts the context to
+    PKCS#1 v1.5 and TLS 1.2 and says so, instead of failing with 'EVP lib'."""
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = version
+    info = mtls_engine.load_card_key(
+        ctx, pki.card1.uri(object="nopss", type="private"), module=pki.module, pin=pki.card1.pin
+    )
+    assert info.notes == ("the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most",)
+    assert ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+    with echo_server(srv_ctx) as srv:
+        answer = talk(ctx, srv.port)
+    assert answer == {"subject": "commonName=card-holder nopss", "version": "TLSv1.2"}
+
+
+def test_rsa_key_with_pss_keeps_tls13(pki: Pki) -> None:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.RSA2048), module=pki.module, pin=pki.card1.pin)
+    assert info.notes == ()
+    assert ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
