@@ -33,5 +33,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[dev]'
 .venv/bin/python -c 'import mtls_engine, ssl; print("== mtls_engine", mtls_engine.__version__, "on", ssl.OPENSSL_VERSION)'
