@@ -1,0 +1,57 @@
+"""The card signs every handshake, and nothing else happens per handshake:
+PKCS#11 calls counted through OpenSC's pkcs11-spy in a fresh process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtls_engine._softhsm import KeyKind
+
+from .conftest import Pki, need, spy_module
+from .helpers import count_calls, run_python
+
+SCRIPT = """
+import os, mtls_engine
+from tests.servers import echo_server, server_context, talk
+
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+ctx = mtls_engine.client_context(key=os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                 pin=os.environ["T_PIN"])
+with echo_server(srv) as s:
+    for _ in range(int(os.environ["T_N"])):
+        talk(ctx, s.port)
+print("done")
+"""
+
+CALLS = ("C_Sign", "C_SignInit", "C_Login", "C_FindObjectsInit", "C_OpenSession", "C_Initialize")
+
+
+def _calls(pki: Pki, spy: str, log: Path, kind: KeyKind, handshakes: int) -> dict[str, int]:
+    proc = run_python(
+        SCRIPT,
+        env={"T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key), "T_CA": str(pki.ca_file),
+             "T_URI": pki.key_uri(kind), "T_MODULE": spy, "T_PIN": pki.card1.pin, "T_N": str(handshakes),
+             "PKCS11SPY": pki.module, "PKCS11SPY_OUTPUT": str(log)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "done"
+    counts = {name: count_calls(log, name) for name in CALLS}
+    log.unlink()  # it holds the PIN in clear
+    return counts
+
+
+@pytest.mark.parametrize("kind", [KeyKind.RSA2048, KeyKind.P256], ids=lambda k: k.name)
+def test_one_card_signature_per_handshake_and_nothing_else(pki: Pki, spy_log: Path, kind: KeyKind) -> None:
+    spy = spy_module()
+    need(spy is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
+    assert spy is not None
+    one = _calls(pki, spy, spy_log, kind, 1)
+    six = _calls(pki, spy, spy_log, kind, 6)
+    per_handshake = {name: (six[name] - one[name]) / 5 for name in CALLS}
+    assert one["C_Login"] == six["C_Login"] == 1
+    assert one["C_Sign"] == 1 and six["C_Sign"] == 6
+    assert per_handshake == {
+        "C_Sign": 1, "C_SignInit": 1, "C_Login": 0, "C_FindObjectsInit": 0, "C_OpenSession": 0, "C_Initialize": 0,
+    }  # fmt: skip
