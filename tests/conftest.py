@@ -135,6 +135,15 @@ def spy_log(tmp_path: Path) -> Path:
     return tmp_path / "pkcs11-spy.log"
 
 
+@pytest.fixture
+def spy() -> str:
+    """OpenSC's pkcs11-spy module, which logs every PKCS#11 call it forwards."""
+    path = spy_module()
+    need(path is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
+    assert path is not None
+    return path
+
+
 def spy_module() -> str | None:
     for c in ("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so", "/usr/lib/pkcs11-spy.so"):
         if os.path.exists(c):

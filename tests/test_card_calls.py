@@ -9,7 +9,7 @@ import pytest
 
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import Pki, need, spy_module
+from .conftest import Pki
 from .helpers import count_calls, run_python
 
 SCRIPT = """
@@ -43,10 +43,7 @@ def _calls(pki: Pki, spy: str, log: Path, kind: KeyKind, handshakes: int) -> dic
 
 
 @pytest.mark.parametrize("kind", [KeyKind.RSA2048, KeyKind.P256], ids=lambda k: k.name)
-def test_one_card_signature_per_handshake_and_nothing_else(pki: Pki, spy_log: Path, kind: KeyKind) -> None:
-    spy = spy_module()
-    need(spy is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
-    assert spy is not None
+def test_one_card_signature_per_handshake_and_nothing_else(pki: Pki, spy: str, spy_log: Path, kind: KeyKind) -> None:
     one = _calls(pki, spy, spy_log, kind, 1)
     six = _calls(pki, spy, spy_log, kind, 6)
     per_handshake = {name: (six[name] - one[name]) / 5 for name in CALLS}

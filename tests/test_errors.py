@@ -12,7 +12,7 @@ from mtls_engine._context import ssl_ctx_pointer
 from mtls_engine._lib import check_same_openssl, lib
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import Pki, need, spy_module
+from .conftest import Pki
 from .helpers import count_calls, run_python
 
 
@@ -195,10 +195,7 @@ for attempt in range(2):
 """
 
 
-def test_wrong_pin_is_tried_exactly_once(pki: Pki, spy_log: Path) -> None:
-    spy = spy_module()
-    need(spy is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
-    assert spy is not None
+def test_wrong_pin_is_tried_exactly_once(pki: Pki, spy: str, spy_log: Path) -> None:
     wrong = "31415926"
     proc = run_python(
         WRONG_PIN_SCRIPT,
@@ -225,10 +222,7 @@ except mtls_engine.AmbiguousUri as exc:
 """
 
 
-def test_no_login_to_a_guessed_token(pki: Pki, spy_log: Path) -> None:
-    spy = spy_module()
-    need(spy is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
-    assert spy is not None
+def test_no_login_to_a_guessed_token(pki: Pki, spy: str, spy_log: Path) -> None:
     proc = run_python(
         AMBIGUOUS_SCRIPT,
         env={"T_MODULE": spy, "T_PIN": pki.card1.pin, "PKCS11SPY": pki.module, "PKCS11SPY_OUTPUT": str(spy_log)},
