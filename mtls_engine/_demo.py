@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default="demo-token", type=Path)
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args(argv)
+    args.dir = args.dir.resolve()
     missing = missing_tools()
     if missing:
         print(f"demo needs: {', '.join(missing)} (run bash ci/demo.sh)", file=sys.stderr)

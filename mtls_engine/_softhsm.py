@@ -93,6 +93,7 @@ class TokenStore:
         module = softhsm_module()
         if module is None:
             raise RuntimeError("SoftHSM2 is not installed (Debian: apt-get install softhsm2)")
+        directory = directory.resolve()  # the config must work from any working directory
         directory.mkdir(parents=True, exist_ok=True)
         tokens = directory / "tokens"
         tokens.mkdir(exist_ok=True)
