@@ -173,8 +173,7 @@ def _load_card_key(
         candidates, chain_ders, searched = ders[:1], ders[1:], repr(cert_arg)
 
     pkey = _backends.load_private_key(chosen, mod, token, key_obj)
-    certs = [_x509(d) for d in candidates]
-    matching = [c for c in certs if _matches(c, pkey)]
+    matching = [(der, cert) for der, cert in ((d, _x509(d)) for d in candidates) if _matches(cert, pkey)]
     if not matching:
         subjects = ", ".join(x509.load_der_x509_certificate(d).subject.rfc4514_string() for d in candidates)
         raise CertKeyMismatch(
@@ -182,15 +181,10 @@ def _load_card_key(
             f"{key_obj.label!r} (id {key_obj.id.hex()}) on {token}; use the certificate issued "
             "for this key"
         )
-    if len(matching) > 1:
-        # Several certificates for the same key (typically a renewal): take
-        # the one valid longest, which is what a user renewing expects.
-        pairs = [(x509.load_der_x509_certificate(d), c) for d, c in zip(candidates, certs) if c in matching]
-        pairs.sort(key=lambda p: p[0].not_valid_after_utc, reverse=True)
-        leaf_obj, leaf = pairs[0]
-    else:
-        leaf = matching[0]
-        leaf_obj = x509.load_der_x509_certificate(candidates[certs.index(leaf)])
+    # Several certificates for the same key (typically a renewal): take the
+    # one valid longest, which is what a user renewing expects.
+    leaf_der, leaf = max(matching, key=lambda m: x509.load_der_x509_certificate(m[0]).not_valid_after_utc)
+    leaf_obj = x509.load_der_x509_certificate(leaf_der)
 
     if not lib.SSL_CTX_use_certificate(ssl_ctx, leaf):
         raise OpenSSLError("OpenSSL refused the certificate for this context", consume_errors())

@@ -18,6 +18,7 @@ import re
 import select
 import shutil
 import subprocess
+import sysconfig
 import termios
 import time
 from dataclasses import dataclass, field
@@ -45,24 +46,20 @@ def softhsm_module() -> str | None:
     env = os.environ.get("MTLS_ENGINE_SOFTHSM_MODULE")
     if env:
         return env if os.path.exists(env) else None
-    multiarch = ""
-    try:
-        multiarch = subprocess.run(
-            ["gcc", "-print-multiarch"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        pass
-    candidates = [
-        f"/usr/lib/{multiarch}/softhsm/libsofthsm2.so" if multiarch else "",
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib64/softhsm/libsofthsm2.so",
-        "/usr/local/lib/softhsm/libsofthsm2.so",
-        "/usr/lib64/pkcs11/libsofthsm2.so",
-    ]
+    candidates = library_candidates("softhsm/libsofthsm2.so") + library_candidates("pkcs11/libsofthsm2.so")
     for c in candidates:
-        if c and os.path.exists(c):
+        if os.path.exists(c):
             return c
     return None
+
+
+def library_candidates(relative: str) -> list[str]:
+    """Where Debian-like and other systems install ``relative`` (e.g.
+    ``softhsm/libsofthsm2.so``), this machine's multiarch folder first."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    roots = [f"/usr/lib/{multiarch}"] if multiarch else []
+    roots += ["/usr/lib", "/usr/lib64", "/usr/local/lib"]
+    return [os.path.join(r, relative) for r in roots]
 
 
 def missing_tools() -> list[str]:

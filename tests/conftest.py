@@ -4,7 +4,6 @@ generated on the tokens, a test PKI, and real TLS servers on loopback."""
 from __future__ import annotations
 
 import os
-import shutil
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -145,12 +144,7 @@ def spy() -> str:
 
 
 def spy_module() -> str | None:
-    for c in ("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so", "/usr/lib/pkcs11-spy.so"):
+    for c in _softhsm.library_candidates("pkcs11-spy.so") + _softhsm.library_candidates("pkcs11/pkcs11-spy.so"):
         if os.path.exists(c):
             return c
-    found = shutil.which("pkcs11-tool")
-    if found:
-        base = Path(found).resolve().parent.parent / "lib"
-        for p in base.rglob("pkcs11-spy.so"):
-            return str(p)
     return None

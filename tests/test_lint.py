@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import need
+from .helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 

@@ -13,9 +13,8 @@ from mtls_engine._backends import engine_status
 from mtls_engine._softhsm import KeyKind
 
 from .conftest import Pki, need
+from .helpers import ROOT
 from .servers import https_server, server_context
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_openssl_s_client_with_template_config(pki: Pki, tmp_path: Path) -> None:
