@@ -1,8 +1,35 @@
 #!/usr/bin/env bash
 # Installs what mtls_engine needs on Debian 12/13 (as root), then builds it
 # into .venv.  Safe to re-run: apt runs only when a package is missing.
+#   bash ci/setup.sh --plan   only prints which apt suite gives pkcs11-provider
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# pkcs11-provider: Debian 13 and later have it in the main suite; Debian 12
+# only in bookworm-backports.  The release comes from /etc/debian_version
+# ("12.11", "13.1", or "trixie/sid" on testing).
+DEBIAN_VERSION_FILE=${MTLS_DEBIAN_VERSION_FILE:-/etc/debian_version}
+provider_suite() {
+  local v major
+  v=$(cat "$DEBIAN_VERSION_FILE" 2>/dev/null || echo unknown)
+  major=${v%%.*}
+  case "$major" in
+    ''|*[!0-9]*)
+      case "$v" in
+        bookworm*) echo bookworm-backports ;;
+        ''|unknown) echo none ;;
+        *) echo main ;;  # testing/sid: newer than 12
+      esac ;;
+    *)
+      if ((major >= 13)); then echo main
+      elif ((major == 12)); then echo bookworm-backports
+      else echo none; fi ;;
+  esac
+}
+if [ "${1:-}" = "--plan" ]; then
+  echo "pkcs11-provider: $(provider_suite)"
+  exit 0
+fi
 
 PACKAGES=(
   softhsm2 libengine-pkcs11-openssl opensc opensc-pkcs11 gnutls-bin p11-kit libp11-kit-dev
@@ -20,12 +47,41 @@ missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+APT_UPDATED=""
+apt_update() {
+  [ -n "$APT_UPDATED" ] || { $SUDO apt-get update -qq; APT_UPDATED=1; }
+}
 if ((${#missing[@]})); then
   echo "== installing: ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
+  apt_update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! dpkg-query -W -f='${Status}' pkcs11-provider 2>/dev/null | grep -q "install ok installed"; then
+  suite=$(provider_suite)
+  case "$suite" in
+    main)
+      echo "== installing: pkcs11-provider"
+      apt_update
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends pkcs11-provider >/dev/null ;;
+    bookworm-backports)
+      if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "== adding the bookworm-backports apt suite (for pkcs11-provider)"
+        printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: bookworm-backports" \
+          "Components: main" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" |
+          $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null
+        APT_UPDATED=""
+      fi
+      echo "== installing: pkcs11-provider (bookworm-backports)"
+      apt_update
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        -t bookworm-backports pkcs11-provider >/dev/null ;;
+    *)
+      echo "== pkcs11-provider: no package known for $(cat "$DEBIAN_VERSION_FILE" 2>/dev/null || echo 'this system');" \
+        "the provider backend will be unavailable" ;;
+  esac
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -4,7 +4,8 @@ The extension must link against exactly the libssl/libcrypto that this
 interpreter's ``_ssl`` module uses, so the library directory is read from the
 running process after importing ``_ssl`` (``/proc/self/maps``) rather than
 guessed.  ``MTLS_ENGINE_OPENSSL_PREFIX`` overrides it (headers in
-``PREFIX/include``, libraries in ``PREFIX/lib``).
+``PREFIX/include``, libraries in ``PREFIX/lib``).  ``MTLS_ENGINE_DISABLE_ENGINE=1``
+builds without the ENGINE backend, as on an OpenSSL without ENGINE support.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+from typing import Any
 
 from cffi import FFI
 
@@ -45,7 +47,7 @@ def _pkg_config(*args: str) -> list[str]:
     return shlex.split(out)
 
 
-def _build_flags() -> dict[str, list[str]]:
+def _build_flags() -> dict[str, Any]:
     include_dirs: list[str] = []
     library_dirs: list[str] = []
     runtime_dirs: list[str] = []
@@ -83,7 +85,12 @@ def _build_flags() -> dict[str, list[str]]:
         include_dirs.append("/usr/include/p11-kit-1")
     link_args += _pkg_config("--libs", "p11-kit-1") or ["-lp11-kit"]
     link_args += ["-ldl"]
+    macros: list[tuple[str, str | None]] = []
+    if os.environ.get("MTLS_ENGINE_DISABLE_ENGINE"):
+        # Build as if OpenSSL had no ENGINE API (as OpenSSL 4 has not).
+        macros.append(("MTLS_ENGINE_DISABLE_ENGINE", "1"))
     return {
+        "define_macros": macros,
         "include_dirs": include_dirs,
         "library_dirs": library_dirs,
         "runtime_library_dirs": runtime_dirs,

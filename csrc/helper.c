@@ -13,7 +13,10 @@
 #include <openssl/ssl.h>
 #include <openssl/ui.h>
 
-#if !defined(OPENSSL_NO_ENGINE) && OPENSSL_VERSION_MAJOR < 4
+/* MTLS_ENGINE_DISABLE_ENGINE (a build flag) compiles the extension as if
+   OpenSSL had no ENGINE API, to prove that guard on any OpenSSL. */
+#if !defined(OPENSSL_NO_ENGINE) && OPENSSL_VERSION_MAJOR < 4 && !defined(MTLS_ENGINE_DISABLE_ENGINE)
+#define MTLS_WITH_ENGINE 1
 #include <openssl/engine.h> /* deprecated in 3.0, still the libp11 way */
 static const int MTLS_HAS_ENGINE = 1;
 #else
@@ -22,7 +25,9 @@ typedef struct engine_st ENGINE;
 #endif
 
 #if OPENSSL_VERSION_MAJOR >= 3
+#include <openssl/conf.h>
 #include <openssl/provider.h>
+#include <openssl/store.h>
 static const int MTLS_HAS_PROVIDER = 1;
 #else
 static const int MTLS_HAS_PROVIDER = 0;
@@ -122,12 +127,10 @@ static SSL_CTX *mtls_ctx_candidate(uintptr_t object_address, size_t header_size)
     return *slot;
 }
 
-/* ---- engine backend ------------------------------------------------- */
-
-#if !defined(OPENSSL_NO_ENGINE) && OPENSSL_VERSION_MAJOR < 4
+/* ---- PIN prompts ----------------------------------------------------- */
 
 /* A UI that never supplies a PIN.  mtls_engine logs in itself (once,
-   after checking the token's PIN counters); if the engine ever decides it
+   after checking the token's PIN counters); if a backend ever decides it
    needs a PIN anyway, it must fail instead of prompting on a terminal or
    trying a PIN of its own. */
 static int mtls_ui_refuse(UI *ui, UI_STRING *uis)
@@ -149,6 +152,10 @@ static UI_METHOD *mtls_refusing_ui(void)
     }
     return method;
 }
+
+/* ---- engine backend ------------------------------------------------- */
+
+#ifdef MTLS_WITH_ENGINE
 
 /* Load libp11's engine from `so_path` as a private instance (not added to
    OpenSSL's global engine list, so it cannot clash with an engine that an
@@ -202,6 +209,107 @@ static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
 static void mtls_engine_close(ENGINE *e)
 {
     (void)e;
+}
+
+#endif
+
+/* ---- provider backend ----------------------------------------------- */
+
+#if OPENSSL_VERSION_MAJOR >= 3
+
+/* Apply an OpenSSL configuration text (mtls_engine passes only a providers
+   section) to the default library context, where CPython's SSL_CTXs live.
+   Returns 1 on success; on a syntax error *error_line is set. */
+static int mtls_apply_config(const char *text, long *error_line)
+{
+    BIO *bio = BIO_new_mem_buf(text, -1);
+    CONF *conf = NCONF_new_ex(NULL, NULL);
+    int ok = 0;
+    *error_line = 0;
+    if (bio != NULL && conf != NULL && NCONF_load_bio(conf, bio, error_line) > 0)
+        ok = CONF_modules_load(conf, NULL, 0) > 0;
+    NCONF_free(conf);
+    BIO_free(bio);
+    return ok;
+}
+
+/* Make sure the providers a plain OpenSSL would use (the configured ones,
+   or the built-in default) are active before another provider is added:
+   OpenSSL only falls back to "default" while no provider has been loaded. */
+static void mtls_activate_fallbacks(void)
+{
+    EVP_MD *md = EVP_MD_fetch(NULL, "SHA256", NULL);
+    EVP_MD_free(md);
+    ERR_clear_error();
+}
+
+/* Load every private key the URI names through OSSL_STORE (the provider's
+   "pkcs11" scheme).  Returns the key when exactly one was found; *count
+   says how many there were.  Never prompts for a PIN. */
+static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
+{
+    OSSL_STORE_CTX *store;
+    EVP_PKEY *found = NULL;
+    *count = 0;
+    store = OSSL_STORE_open_ex(uri, NULL, NULL, mtls_refusing_ui(), NULL, NULL, NULL, NULL);
+    if (store == NULL)
+        return NULL;
+    OSSL_STORE_expect(store, OSSL_STORE_INFO_PKEY);
+    while (!OSSL_STORE_eof(store)) {
+        OSSL_STORE_INFO *info = OSSL_STORE_load(store);
+        if (info == NULL) {
+            if (OSSL_STORE_error(store))
+                break;
+            continue;
+        }
+        if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY) {
+            EVP_PKEY *pkey = OSSL_STORE_INFO_get1_PKEY(info);
+            if (pkey != NULL) {
+                (*count)++;
+                if (found == NULL)
+                    found = pkey;
+                else
+                    EVP_PKEY_free(pkey);
+            }
+        }
+        OSSL_STORE_INFO_free(info);
+    }
+    OSSL_STORE_close(store);
+    if (*count > 1) {
+        EVP_PKEY_free(found);
+        return NULL;
+    }
+    return found;
+}
+
+/* 1 when a provider with this name has been loaded and activated. */
+static int mtls_provider_loaded(const char *name)
+{
+    return OSSL_PROVIDER_available(NULL, name);
+}
+
+#else
+
+static int mtls_apply_config(const char *text, long *error_line)
+{
+    (void)text;
+    *error_line = 0;
+    return 0;
+}
+
+static void mtls_activate_fallbacks(void) {}
+
+static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
+{
+    (void)uri;
+    *count = 0;
+    return NULL;
+}
+
+static int mtls_provider_loaded(const char *name)
+{
+    (void)name;
+    return 0;
 }
 
 #endif

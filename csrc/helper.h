@@ -13,3 +13,9 @@ SSL_CTX *mtls_ctx_candidate(uintptr_t, size_t);
 ENGINE *mtls_engine_open(const char *, const char *);
 EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *);
 void mtls_engine_close(ENGINE *);
+
+/* Provider backend (stubs returning 0/NULL before OpenSSL 3) */
+int mtls_apply_config(const char *, long *);
+void mtls_activate_fallbacks(void);
+EVP_PKEY *mtls_store_load_private_key(const char *, int *);
+int mtls_provider_loaded(const char *);

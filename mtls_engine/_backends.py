@@ -11,7 +11,8 @@ import os
 import threading
 from typing import Any
 
-from ._errors import BackendUnavailable, ObjectNotFound
+from ._config import provider_section
+from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
 from ._lib import consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
 from ._uri import format_uri
@@ -49,8 +50,38 @@ def engine_status() -> tuple[bool, str]:
     return True, path
 
 
+def modules_dir() -> str:
+    return text(lib.OPENSSL_info(lib.OPENSSL_INFO_MODULES_DIR))
+
+
+def provider_path() -> str | None:
+    """pkcs11-provider: ``$MTLS_ENGINE_PKCS11_PROVIDER``, else ``pkcs11.so``
+    in the provider modules directory OpenSSL itself reports."""
+    override = os.environ.get("MTLS_ENGINE_PKCS11_PROVIDER")
+    if override:
+        return override if os.path.exists(override) else None
+    candidate = os.path.join(modules_dir(), "pkcs11.so")
+    return candidate if os.path.exists(candidate) else None
+
+
+# pkcs11-provider 1.0 needs OpenSSL 3.0.7 or newer.
+_PROVIDER_MIN_OPENSSL = 0x30000070
+
+
 def provider_status() -> tuple[bool, str]:
-    return False, "the provider backend is not available in this version of mtls_engine"
+    if not lib.MTLS_HAS_PROVIDER:
+        return False, "this OpenSSL is older than 3.0 and has no providers"
+    if lib.OpenSSL_version_num() < _PROVIDER_MIN_OPENSSL:
+        return False, f"pkcs11-provider needs OpenSSL 3.0.7 or newer; this is {text(lib.OpenSSL_version(0))}"
+    path = provider_path()
+    if path is None:
+        where = os.environ.get("MTLS_ENGINE_PKCS11_PROVIDER") or os.path.join(modules_dir(), "pkcs11.so")
+        return False, (
+            f"pkcs11-provider is not installed ({where} does not exist); install it (Debian 13: "
+            "apt-get install pkcs11-provider; Debian 12: from bookworm-backports) or set "
+            "MTLS_ENGINE_PKCS11_PROVIDER"
+        )
+    return True, path
 
 
 def choose(backend: str) -> str:
@@ -71,6 +102,18 @@ def choose(backend: str) -> str:
             return name
         reasons.append(f"{name}: {why}")
     raise BackendUnavailable("no backend is available; " + "; ".join(reasons))
+
+
+def _key_uri(token: TokenInfo, key: KeyObject) -> str:
+    """The URI a backend loads: the token by serial and label, the key by id
+    and label, exactly as mtls_engine found it."""
+    attrs: list[tuple[str, bytes]] = [("serial", token.serial.encode()), ("token", token.label.encode())]
+    if key.id:
+        attrs.append(("id", key.id))
+    if key.label:
+        attrs.append(("object", key.label.encode()))
+    attrs.append(("type", b"private"))
+    return format_uri(attrs)
 
 
 class _EngineBackend:
@@ -100,13 +143,7 @@ class _EngineBackend:
             return e
 
     def load_private_key(self, module: Module, token: TokenInfo, key: KeyObject) -> Any:
-        attrs: list[tuple[str, bytes]] = [("serial", token.serial.encode()), ("token", token.label.encode())]
-        if key.id:
-            attrs.append(("id", key.id))
-        if key.label:
-            attrs.append(("object", key.label.encode()))
-        attrs.append(("type", b"private"))
-        uri = format_uri(attrs)
+        uri = _key_uri(token, key)
         e = self.engine(module)
         lib.ERR_clear_error()
         pkey = lib.mtls_engine_load_private_key(e, uri.encode())
@@ -119,10 +156,89 @@ class _EngineBackend:
         return ffi.gc(pkey, lib.EVP_PKEY_free)
 
 
+class _ProviderBackend:
+    """pkcs11-provider, loaded once into OpenSSL's default library context
+    (where CPython's SSL_CTXs live) under its own name, for one PKCS#11
+    module.  pkcs11-provider does not say which module an instance serves,
+    and every instance answers the same ``pkcs11:`` scheme, so one process
+    can serve exactly one module this way."""
+
+    NAME = "mtls_engine_pkcs11"
+
+    def __init__(self) -> None:
+        self._module: str | None = None
+        self._lock = threading.Lock()
+        # One EVP_PKEY per token key, loaded once: pkcs11-provider keeps a
+        # session copy of a key it has used, which a second search would
+        # find as well.
+        self._keys: dict[tuple[str, str, int], Any] = {}
+
+    @property
+    def module(self) -> str | None:
+        return self._module
+
+    def activate(self, module: Module) -> None:
+        with self._lock:
+            if self._module == module.path:
+                return
+            if self._module is not None:
+                raise BackendUnavailable(
+                    f"pkcs11-provider already serves the PKCS#11 module {self._module} in this process and "
+                    f"cannot serve a second one ({module.path}); use backend='engine' for it, or one module "
+                    "that reaches every token (p11-kit-proxy.so)"
+                )
+            ok, path = provider_status()
+            if not ok:
+                raise BackendUnavailable(path)
+            # Keep the providers OpenSSL would use anyway (configured or the
+            # built-in default) active: adding a provider before any was
+            # used would switch the automatic default off.
+            lib.mtls_activate_fallbacks()
+            text_ = "\n".join(
+                ["openssl_conf = mtls_engine_init", "",
+                 "[mtls_engine_init]", "providers = mtls_engine_providers", "",
+                 "[mtls_engine_providers]", f"{self.NAME} = mtls_engine_provider", "",
+                 *provider_section("mtls_engine_provider", path, module.path)]
+            )  # fmt: skip
+            line = ffi.new("long *")
+            lib.ERR_clear_error()
+            if not lib.mtls_apply_config(text_.encode(), line) or not lib.mtls_provider_loaded(self.NAME.encode()):
+                errors = consume_errors()
+                raise BackendUnavailable(
+                    f"cannot load pkcs11-provider {path} for the PKCS#11 module {module.path}"
+                    + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
+                )
+            self._module = module.path
+
+    def load_private_key(self, module: Module, token: TokenInfo, key: KeyObject) -> Any:
+        self.activate(module)
+        with self._lock:
+            cached = self._keys.get((module.path, token.serial, key.handle))
+            if cached is None:
+                cached = self._keys[(module.path, token.serial, key.handle)] = self._load(token, key)
+            return cached
+
+    def _load(self, token: TokenInfo, key: KeyObject) -> Any:
+        uri = _key_uri(token, key)
+        count = ffi.new("int *")
+        lib.ERR_clear_error()
+        pkey = lib.mtls_store_load_private_key(uri.encode(), count)
+        if pkey == ffi.NULL:
+            errors = consume_errors()
+            if count[0] > 1:
+                raise AmbiguousUri(f"pkcs11-provider found {count[0]} private keys for {uri}; expected one")
+            raise ObjectNotFound(
+                f"pkcs11-provider could not load the private key {uri} that mtls_engine found on "
+                f"{token}" + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
+            )
+        return ffi.gc(pkey, lib.EVP_PKEY_free)
+
+
 ENGINE = _EngineBackend()
+PROVIDER = _ProviderBackend()
 
 
 def load_private_key(backend: str, module: Module, token: TokenInfo, key: KeyObject) -> Any:
     if backend == "engine":
         return ENGINE.load_private_key(module, token, key)
-    raise BackendUnavailable(provider_status()[1])
+    return PROVIDER.load_private_key(module, token, key)

@@ -8,6 +8,7 @@ __all__ = [
     "BackendUnavailable",
     "CertKeyMismatch",
     "CertificateError",
+    "ConfigError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
@@ -49,6 +50,10 @@ class ModuleLoadError(Error):
 
 class UriError(Error, ValueError):
     """A ``pkcs11:`` URI is malformed or asks for something unsupported."""
+
+
+class ConfigError(Error, ValueError):
+    """An argument cannot be written into an OpenSSL configuration or URI PEM file."""
 
 
 class TokenNotFound(Error):

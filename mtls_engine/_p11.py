@@ -303,6 +303,11 @@ class Module:
     # -- objects -----------------------------------------------------------
 
     def find_objects(self, slot_id: int, template: list[tuple[int, bytes]]) -> list[int]:
+        """Handles of the token's own (persistent) objects matching the
+        template.  Session objects are left out: they are not what a URI
+        names, and a backend may make session copies of keys
+        (pkcs11-provider caches keys that way)."""
+        template = [*template, (lib.CKA_TOKEN, b"\x01")]
         with self._lock:
             session = self.session(slot_id)
             keep = []

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mtls_engine import _softhsm
+from mtls_engine._backends import BACKENDS, engine_status, provider_status
 from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -125,6 +126,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         tok.store_certificate(ca.issue(pub, f"card-holder {tok.label}"), "ec256", "02", work)
     return Pki(work, store, ca, ca_file, other_ca_file, server_cert, server_key, card1, pintest, card2,
                rsa_cert_file)  # fmt: skip
+
+
+BACKEND_STATUS = {"engine": engine_status, "provider": provider_status}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: libp11's engine and pkcs11-provider."""
+    name: str = request.param
+    ok, why = BACKEND_STATUS[name]()
+    need(ok, why)
+    return name
 
 
 @pytest.fixture

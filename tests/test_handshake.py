@@ -25,9 +25,11 @@ def srv_ctx(pki: Pki) -> ssl.SSLContext:
 
 @pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
 @pytest.mark.parametrize("kind", list(KeyKind), ids=lambda k: k.name)
-def test_card_key_handshake(pki: Pki, srv_ctx: ssl.SSLContext, kind: KeyKind, version: ssl.TLSVersion) -> None:
+def test_card_key_handshake(
+    pki: Pki, srv_ctx: ssl.SSLContext, kind: KeyKind, version: ssl.TLSVersion, backend: str
+) -> None:
     ctx = mtls_engine.client_context(
-        key=pki.key_uri(kind), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend="engine"
+        key=pki.key_uri(kind), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend=backend
     )
     ctx.minimum_version = ctx.maximum_version = version
     with echo_server(srv_ctx) as srv:
@@ -54,19 +56,19 @@ def test_module_from_environment(pki: Pki, monkeypatch: pytest.MonkeyPatch, srv_
         assert talk(ctx, srv.port)["subject"] == "commonName=card-holder ec256"
 
 
-def test_certificate_from_pem_file(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+def test_certificate_from_pem_file(pki: Pki, srv_ctx: ssl.SSLContext, backend: str) -> None:
     ctx = mtls_engine.client_context(
         key=pki.key_uri(KeyKind.RSA2048), cert=pki.rsa_cert_file, cafile=pki.ca_file,
-        module=pki.module, pin=pki.card1.pin,
+        module=pki.module, pin=pki.card1.pin, backend=backend,
     )  # fmt: skip
     with echo_server(srv_ctx) as srv:
         assert talk(ctx, srv.port)["subject"] == "commonName=card-holder rsa2048"
 
 
-def test_certificate_by_uri(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
+def test_certificate_by_uri(pki: Pki, srv_ctx: ssl.SSLContext, backend: str) -> None:
     ctx = mtls_engine.client_context(
         key=pki.card1.uri(id="%02"), cert=pki.card1.uri(object="ec256", type="cert"),
-        cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin,
+        cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend=backend,
     )  # fmt: skip
     with echo_server(srv_ctx) as srv:
         assert talk(ctx, srv.port)["subject"] == "commonName=card-holder ec256"
@@ -115,9 +117,9 @@ def test_server_without_card_sees_no_certificate(pki: Pki, srv_ctx: ssl.SSLConte
             talk(ctx, srv.port)
 
 
-def test_urllib_and_http_client(pki: Pki) -> None:
+def test_urllib_and_http_client(pki: Pki, backend: str) -> None:
     ctx = mtls_engine.client_context(
-        key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin
+        key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend=backend
     )
     srv = server_context(pki.server_cert, pki.server_key, pki.ca_file)
     with https_server(srv) as port:
@@ -133,14 +135,14 @@ def test_urllib_and_http_client(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
-def test_rsa_key_without_pss(pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLSVersion) -> None:
+def test_rsa_key_without_pss(pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLSVersion, backend: str) -> None:
     """A card that cannot sign RSA-PSS: mtls_engine restricts the context to
     PKCS#1 v1.5 and TLS 1.2 and says so, instead of failing with 'EVP lib'."""
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = version
     info = mtls_engine.load_card_key(
-        ctx, pki.card1.uri(object="nopss", type="private"), module=pki.module, pin=pki.card1.pin
+        ctx, pki.card1.uri(object="nopss", type="private"), module=pki.module, pin=pki.card1.pin, backend=backend
     )
     assert info.notes == ("the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most",)
     assert ctx.maximum_version == ssl.TLSVersion.TLSv1_2
@@ -149,8 +151,10 @@ def test_rsa_key_without_pss(pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLS
     assert answer == {"subject": "commonName=card-holder nopss", "version": "TLSv1.2"}
 
 
-def test_rsa_key_with_pss_keeps_tls13(pki: Pki) -> None:
+def test_rsa_key_with_pss_keeps_tls13(pki: Pki, backend: str) -> None:
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-    info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.RSA2048), module=pki.module, pin=pki.card1.pin)
+    info = mtls_engine.load_card_key(
+        ctx, pki.key_uri(KeyKind.RSA2048), module=pki.module, pin=pki.card1.pin, backend=backend
+    )
     assert info.notes == ()
     assert ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED

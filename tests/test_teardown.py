@@ -19,7 +19,7 @@ keep = []
 with echo_server(srv_ctx) as srv:
     for uri in os.environ["T_URIS"].split(","):
         ctx = mtls_engine.client_context(key=uri, cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
-                                         pin=os.environ["T_PIN"])
+                                         pin=os.environ["T_PIN"], backend=os.environ["T_BACKEND"])
         for _ in range(3):
             print(talk(ctx, srv.port)["subject"])
         keep.append(ctx)
@@ -31,13 +31,13 @@ print("done")
 
 
 @pytest.mark.parametrize("mode", ["keep-contexts-alive", "drop"])
-def test_exit_status_zero_after_handshakes(pki: Pki, mode: str) -> None:
+def test_exit_status_zero_after_handshakes(pki: Pki, mode: str, backend: str) -> None:
     uris = [pki.key_uri(k) for k in KeyKind]
     proc = run_python(
         SCRIPT,
         env={"T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key),
              "T_CA": str(pki.ca_file), "T_URIS": ",".join(uris), "T_MODULE": pki.module,
-             "T_PIN": pki.card1.pin, "T_MODE": mode},
+             "T_PIN": pki.card1.pin, "T_MODE": mode, "T_BACKEND": backend},
     )  # fmt: skip
     assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
