@@ -15,6 +15,10 @@ __all__ = ["conf_value", "engine_section", "openssl_cnf", "provider_section"]
 # process that made one handshake then dies with SIGSEGV (status 139).
 PROVIDER_QUIRKS = "no-deinit"
 
+# In a configuration written for both backends, this environment variable
+# picks one: "provider" (the default) or "engine".
+SELECTOR_ENV = "MTLS_ENGINE_BACKEND"
+
 
 def conf_value(value: str | os.PathLike[str], what: str = "value") -> str:
     """``value`` quoted for an OpenSSL configuration file: inside double
@@ -91,12 +95,33 @@ def openssl_cnf(
         "# written by python -m mtls_engine config; use it with OPENSSL_CONF=<this file>",
         "",
     ]
-    out += ["openssl_conf = mtls_engine_init", "", "[mtls_engine_init]"]
-    if want_engine:
-        out.append("engines = mtls_engine_engines")
-    if want_provider:
-        out.append("providers = mtls_engine_providers")
-    out.append("")
+    if backend == "both":
+        # libp11's engine and pkcs11-provider must not both be loaded into one
+        # process by a configuration: with the engine in OpenSSL's engine list,
+        # keys from the provider fail (X509_check_private_key: "key values
+        # mismatch", OpenSSL 3.0).  So one file holds both set-ups and the
+        # environment picks one; OpenSSL looks $ENV::NAME up in the
+        # environment first, then in this file's default section.
+        out += [
+            f"# Uses pkcs11-provider; run with {SELECTOR_ENV}=engine to use libp11's engine instead.",
+            f"{SELECTOR_ENV} = provider",
+            f"openssl_conf = mtls_engine_init_${{ENV::{SELECTOR_ENV}}}",
+            "",
+            "[mtls_engine_init_engine]",
+            "engines = mtls_engine_engines",
+            "",
+            "[mtls_engine_init_provider]",
+            "providers = mtls_engine_providers",
+            "",
+        ]
+    else:
+        out += [
+            f"openssl_conf = mtls_engine_init_{backend}",
+            "",
+            f"[mtls_engine_init_{backend}]",
+            "engines = mtls_engine_engines" if want_engine else "providers = mtls_engine_providers",
+            "",
+        ]
     if want_engine:
         assert engine_so is not None
         out += ["[mtls_engine_engines]", "pkcs11 = mtls_engine_engine_pkcs11", ""]

@@ -75,6 +75,11 @@ class Pki:
     def module(self) -> str:
         return self.store.module
 
+    def cert_file(self, kind: KeyKind, token: Token | None = None) -> Path:
+        """The PEM file of the certificate stored on the token for ``kind``."""
+        spec = CARD_KEYS[kind]
+        return self.workdir / f"{(token or self.card1).label}-{spec.label}-{spec.key_id}.pem"
+
     def key_uri(self, kind: KeyKind, token: Token | None = None) -> str:
         spec = CARD_KEYS[kind]
         return (token or self.card1).uri(object=spec.label, type="private")

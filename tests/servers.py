@@ -84,9 +84,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _TLSServer(http.server.ThreadingHTTPServer):
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        # End TLS with close_notify, as a well-behaved server does: stock
+        # clients (openssl s_client) report an unexpected EOF otherwise.
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(5)
+                request.unwrap()
+            except (OSError, ValueError):
+                pass
+        super().shutdown_request(request)
+
+
 @contextmanager
 def https_server(ctx: ssl.SSLContext) -> Iterator[int]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = _TLSServer(("127.0.0.1", 0), _Handler)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()

@@ -1,0 +1,124 @@
+"""``python -m mtls_engine``: command-line tools.
+
+config   write an openssl.cnf that makes stock clients use a card key
+uri-pem  write a PKCS#11 PROVIDER URI key file for a pkcs11: URI
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from . import _backends
+from ._api import MODULE_ENV
+from ._config import openssl_cnf
+from ._errors import ConfigError, Error, ModuleLoadError
+from ._uripem import key_uri_for_pem, uri_pem
+
+__all__ = ["main"]
+
+
+def _write(path: str | None, data: bytes, mode: int) -> None:
+    """Write to ``path`` (``-`` or None: standard output), creating the file
+    with ``mode``; an existing file is replaced."""
+    if path in (None, "-"):
+        sys.stdout.write(data.decode())
+        sys.stdout.flush()
+        return
+    assert path is not None
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ConfigError(f"cannot write {path!r}: {exc.strerror}") from None
+
+
+def _module_arg(module: str | None) -> str:
+    module = module or os.environ.get(MODULE_ENV)
+    if not module:
+        raise ModuleLoadError(f"no PKCS#11 module given; pass --module /path/to/pkcs11-module.so or set {MODULE_ENV}")
+    if not os.path.isfile(module):
+        raise ModuleLoadError(f"the PKCS#11 module {module!r} does not exist; pass the path of your card's module")
+    # Stock clients run from any folder: the file must name it absolutely.
+    return os.path.abspath(module)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    module = _module_arg(args.module)
+    engine_ok, engine_so = _backends.engine_status()
+    provider_ok, provider_so = _backends.provider_status()
+    backend = args.backend
+    if backend is None:
+        backend = "both" if engine_ok and provider_ok else "engine" if engine_ok else "provider"
+    if backend in ("engine", "both") and not engine_ok:
+        raise ConfigError(f"cannot write the engine section: {engine_so}")
+    if backend in ("provider", "both") and not provider_ok:
+        raise ConfigError(f"cannot write the provider section: {provider_so}")
+    text = openssl_cnf(
+        module,
+        backend,
+        engine_so=engine_so if engine_ok else None,
+        provider_so=provider_so if provider_ok else None,
+        pin_source=args.pin_source,
+    )
+    _write(args.output, text.encode(), 0o644)
+    if args.output not in (None, "-"):
+        print(f"wrote {args.output} ({backend}) for {module}; use it with OPENSSL_CONF={args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_uri_pem(args: argparse.Namespace) -> int:
+    uri = key_uri_for_pem(args.uri)
+    _write(args.output, uri_pem(uri), 0o600)
+    if args.output not in (None, "-"):
+        print(
+            f"wrote {args.output} for {uri}; with pkcs11-provider loaded (OPENSSL_CONF from "
+            "'python -m mtls_engine config') use it wherever a PEM private key file goes",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mtls_engine", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="write an openssl.cnf that makes stock clients use a card key")
+    p.add_argument("--module", help=f"the card's PKCS#11 module (default: ${MODULE_ENV})")
+    p.add_argument(
+        "--backend",
+        choices=("engine", "provider", "both"),
+        help="which sections to write (default: both where both are installed)",
+    )
+    p.add_argument(
+        "--pin-source",
+        metavar="file:PATH",
+        help="a file holding the PIN, for pkcs11-provider (the PIN itself is never written)",
+    )
+    p.add_argument("-o", "--output", help="the file to write (default: standard output)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("uri-pem", help="write a PKCS#11 PROVIDER URI PEM key file for a pkcs11: URI")
+    p.add_argument("uri", help="the key's pkcs11: URI, e.g. 'pkcs11:token=card1;object=clientkey;type=private'")
+    p.add_argument("-o", "--output", help="the file to write (default: standard output)")
+    p.set_defaults(func=cmd_uri_pem)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except Error as exc:
+        print(f"mtls_engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return status
