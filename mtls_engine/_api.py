@@ -38,6 +38,7 @@ class CardKey:
     """What ``load_card_key`` attached (no secrets)."""
 
     backend: str
+    backend_reason: str
     module: str
     token: TokenInfo
     key_label: str
@@ -151,7 +152,7 @@ def _load_card_key(
     key_uri = parse(key, what="key")
     if key_uri.object_type not in (None, "private"):
         raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")
-    chosen = _backends.choose(backend)
+    chosen, reason = _backends.choose(backend)
     cert_arg = None if cert is None else os.fspath(cert)
     cert_is_uri = cert_arg is not None and cert_arg[:7].lower() == "pkcs11:"
     get_pin = pin_getter(pin, key_uri)
@@ -198,6 +199,7 @@ def _load_card_key(
     notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj)
     info = CardKey(
         backend=chosen,
+        backend_reason=reason,
         module=mod.path,
         token=token,
         key_label=key_obj.label,

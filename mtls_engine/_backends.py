@@ -84,9 +84,11 @@ def provider_status() -> tuple[bool, str]:
     return True, path
 
 
-def choose(backend: str) -> str:
-    """The backend to use: ``engine``/``provider`` if available, or for
-    ``auto`` the engine where it exists, else the provider."""
+def choose(backend: str) -> tuple[str, str]:
+    """The backend to use and why: ``engine``/``provider`` when asked for and
+    available; for ``auto`` the engine where OpenSSL still has one (it serves
+    any number of PKCS#11 modules in one process and adds nothing per
+    handshake but the signature), else pkcs11-provider."""
     if backend not in ("auto", *BACKENDS):
         raise BackendUnavailable(f"unknown backend {backend!r}; use 'engine', 'provider' or 'auto'")
     status = {"engine": engine_status, "provider": provider_status}
@@ -94,14 +96,14 @@ def choose(backend: str) -> str:
         ok, why = status[backend]()
         if not ok:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {why}")
-        return backend
-    reasons = []
-    for name in BACKENDS:
-        ok, why = status[name]()
-        if ok:
-            return name
-        reasons.append(f"{name}: {why}")
-    raise BackendUnavailable("no backend is available; " + "; ".join(reasons))
+        return backend, f"{backend} (asked for)"
+    engine_ok, engine_why = engine_status()
+    if engine_ok:
+        return "engine", "engine (auto: libp11's engine is available; it serves any number of modules per process)"
+    provider_ok, provider_why = provider_status()
+    if provider_ok:
+        return "provider", f"provider (auto: the engine is unavailable: {engine_why})"
+    raise BackendUnavailable(f"no backend is available; engine: {engine_why}; provider: {provider_why}")
 
 
 def _key_uri(token: TokenInfo, key: KeyObject) -> str:

@@ -73,9 +73,7 @@ def uri_pem(uri: str) -> bytes:
     return (f"-----BEGIN {PEM_LABEL}-----\n" + "\n".join(lines) + f"\n-----END {PEM_LABEL}-----\n").encode("ascii")
 
 
-_PEM = re.compile(
-    rb"-----BEGIN PKCS#11 PROVIDER URI-----\s*(?P<b64>[A-Za-z0-9+/=\s]*?)\s*-----END PKCS#11 PROVIDER URI-----"
-)
+_PEM = re.compile(rb"-----BEGIN PKCS#11 PROVIDER URI-----(?P<b64>.*?)-----END PKCS#11 PROVIDER URI-----", re.DOTALL)
 
 
 def _read_tlv(data: bytes, pos: int, tag: int) -> tuple[bytes, int]:

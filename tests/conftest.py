@@ -80,6 +80,10 @@ class Pki:
         spec = CARD_KEYS[kind]
         return self.workdir / f"{(token or self.card1).label}-{spec.label}-{spec.key_id}.pem"
 
+    def key_uri_prefix(self, token: Token | None = None) -> str:
+        """A URI naming only the token."""
+        return (token or self.card1).uri()
+
     def key_uri(self, kind: KeyKind, token: Token | None = None) -> str:
         spec = CARD_KEYS[kind]
         return (token or self.card1).uri(object=spec.label, type="private")

@@ -42,6 +42,7 @@ def test_load_card_key_reports_what_it_attached(pki: Pki) -> None:
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P384), module=pki.module, pin=pki.card1.pin)
     assert info.backend == "engine"
+    assert info.backend_reason.startswith("engine (auto: ")
     assert info.token.label == "card1"
     assert info.key_type == "EC-384"
     assert info.key_id == b"\x03"

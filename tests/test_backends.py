@@ -1,0 +1,181 @@
+"""Choosing and loading the backends: libp11's engine and pkcs11-provider."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mtls_engine
+from mtls_engine._backends import choose, provider_status
+from mtls_engine._softhsm import KeyKind
+
+from .conftest import BACKEND_STATUS, Pki, need
+from .helpers import ROOT, run_python
+from .servers import echo_server, server_context, talk
+
+
+def test_auto_prefers_the_engine_and_says_why(pki: Pki, backend: str) -> None:
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P256), module=pki.module, pin=pki.card1.pin)
+    assert info.backend == "engine"
+    assert info.backend_reason.startswith("engine (auto: libp11's engine is available")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    info = mtls_engine.load_card_key(
+        ctx, pki.key_uri(KeyKind.P256), module=pki.module, pin=pki.card1.pin, backend=backend
+    )
+    assert (info.backend, info.backend_reason) == (backend, f"{backend} (asked for)")
+
+
+def test_auto_falls_back_to_the_provider(pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    need(provider_status()[0], provider_status()[1])
+    monkeypatch.setenv("MTLS_ENGINE_PKCS11_ENGINE", str(tmp_path / "no-engine.so"))
+    name, reason = choose("auto")
+    assert name == "provider"
+    assert reason.startswith("provider (auto: the engine is unavailable: libp11's pkcs11 engine is not installed")
+    srv = server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    ctx = mtls_engine.client_context(key=pki.key_uri(KeyKind.P384), cafile=pki.ca_file, module=pki.module,
+                                     pin=pki.card1.pin)  # fmt: skip
+    with echo_server(srv) as s:
+        assert talk(ctx, s.port)["subject"] == "commonName=card-holder ec384"
+
+
+def test_backend_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MTLS_ENGINE_PKCS11_PROVIDER", str(tmp_path / "nothing.so"))
+    monkeypatch.setenv("MTLS_ENGINE_PKCS11_ENGINE", str(tmp_path / "nothing-either.so"))
+    with pytest.raises(mtls_engine.BackendUnavailable, match=r"backend 'provider' is unavailable: pkcs11-provider is "
+                       r"not installed \(.*nothing.so does not exist\); install it"):  # fmt: skip
+        choose("provider")
+    with pytest.raises(mtls_engine.BackendUnavailable, match="no backend is available; engine: libp11's pkcs11 engine"):
+        choose("auto")
+
+
+TWO_MODULES = """
+import os, ssl, mtls_engine
+for module in (os.environ["T_MODULE"], os.environ["T_OTHER"]):
+    ctx = ssl.create_default_context()
+    try:
+        info = mtls_engine.load_card_key(ctx, os.environ["T_URI"], module=module, pin=os.environ["T_PIN"],
+                                         backend="provider")
+        print("loaded", info.backend)
+    except mtls_engine.BackendUnavailable as exc:
+        print("BackendUnavailable:", exc)
+"""
+
+
+def test_provider_serves_one_module_per_process(pki: Pki, spy: str) -> None:
+    need(provider_status()[0], provider_status()[1])
+    proc = run_python(
+        TWO_MODULES,
+        env={"T_MODULE": pki.module, "T_OTHER": spy, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
+             "PKCS11SPY": pki.module, "PKCS11SPY_OUTPUT": os.devnull},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "loaded provider"
+    assert lines[1] == (
+        f"BackendUnavailable: pkcs11-provider already serves the PKCS#11 module {pki.module} in this process "
+        f"and cannot serve a second one ({spy}); use backend='engine' for it, or one module that reaches every "
+        "token (p11-kit-proxy.so)"
+    )
+
+
+CONTEXTS_FIRST = """
+import os, ssl
+# The contexts exist before mtls_engine (and so pkcs11-provider) is loaded.
+contexts = {}
+for uri in os.environ["T_URIS"].split(","):
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = ssl.create_default_context(cafile=os.environ["T_CA"])
+        ctx.minimum_version = ctx.maximum_version = version
+        contexts[(uri, version)] = ctx
+srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+import mtls_engine
+from mtls_engine._backends import PROVIDER
+from mtls_engine._lib import lib
+from tests.servers import echo_server, server_context, talk
+
+assert PROVIDER.module is None and not lib.mtls_provider_loaded(PROVIDER.NAME.encode())
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+with echo_server(srv) as s:
+    for (uri, version), ctx in contexts.items():
+        mtls_engine.load_card_key(ctx, uri, module=os.environ["T_MODULE"], pin=os.environ["T_PIN"],
+                                  backend=os.environ["T_BACKEND"])
+        answer = talk(ctx, s.port)
+        print(answer["subject"], answer["version"])
+print("done")
+"""
+
+
+def test_contexts_created_before_the_backend_was_loaded(pki: Pki, backend: str) -> None:
+    """OpenSSL works out a context's signature algorithms when the context is
+    made; contexts made before the provider was loaded must still offer the
+    card key's algorithms (RSA-PSS for TLS 1.3, ECDSA)."""
+    kinds = list(KeyKind)
+    proc = run_python(
+        CONTEXTS_FIRST,
+        env={"T_URIS": ",".join(pki.key_uri(k) for k in kinds), "T_CA": str(pki.ca_file),
+             "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key), "T_MODULE": pki.module,
+             "T_PIN": pki.card1.pin, "T_BACKEND": backend},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [f"commonName=card-holder {label} {v}" for label in ("rsa2048", "ec256", "ec384")
+                for v in ("TLSv1.2", "TLSv1.3")]  # fmt: skip
+    assert proc.stdout.splitlines() == [*expected, "done"]
+
+
+NO_ENGINE_CHECK = """
+import ssl, mtls_engine
+from mtls_engine._backends import choose, engine_status
+from mtls_engine._lib import lib
+assert lib.MTLS_HAS_ENGINE == 0
+print(engine_status())
+try:
+    mtls_engine.load_card_key(ssl.create_default_context(), "pkcs11:object=x", module="/nonexistent.so",
+                              backend="engine")
+except mtls_engine.BackendUnavailable as exc:
+    print("BackendUnavailable:", exc)
+try:
+    print(choose("auto")[0])
+except mtls_engine.BackendUnavailable as exc:
+    print("BackendUnavailable:", exc)
+"""
+
+
+def test_build_without_engine_api(tmp_path: Path) -> None:
+    """The extension builds and imports against an OpenSSL without ENGINE
+    support (as OpenSSL 4): built here with MTLS_ENGINE_DISABLE_ENGINE, the
+    compile-time guard the real case takes."""
+    need(shutil.which("gcc") is not None or shutil.which("cc") is not None, "a C compiler")
+    pkg = tmp_path / "mtls_engine"
+    shutil.copytree(ROOT / "mtls_engine", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); import build; build.ffibuilder.compile(tmpdir=sys.argv[2])",
+         str(ROOT / "csrc"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MTLS_ENGINE_DISABLE_ENGINE": "1"},
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert list(pkg.glob("_binding*.so")), sorted(p.name for p in pkg.iterdir())
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_ENGINE_CHECK], capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "(False, 'this OpenSSL has no ENGINE API (OpenSSL 4, or built with no-engine)')"
+    assert lines[1] == (
+        "BackendUnavailable: backend 'engine' is unavailable: this OpenSSL has no ENGINE API "
+        "(OpenSSL 4, or built with no-engine)"
+    )
+    if provider_status()[0]:
+        assert lines[2] == "provider"
+    else:
+        assert lines[2].startswith("BackendUnavailable: no backend is available; engine: this OpenSSL has no ENGINE")
