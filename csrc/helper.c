@@ -190,6 +190,22 @@ static void mtls_engine_close(ENGINE *e)
         ENGINE_finish(e);
 }
 
+/* 1 when an engine with this id is already in OpenSSL's engine list (put
+   there by an openssl.cnf).  Walks the list; never loads anything. */
+static int mtls_engine_listed(const char *id)
+{
+    ENGINE *e = ENGINE_get_first();
+    while (e != NULL) {
+        const char *eid = ENGINE_get_id(e);
+        if (eid != NULL && strcmp(eid, id) == 0) {
+            ENGINE_free(e);
+            return 1;
+        }
+        e = ENGINE_get_next(e); /* frees the previous reference */
+    }
+    return 0;
+}
+
 #else
 
 static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
@@ -209,6 +225,12 @@ static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
 static void mtls_engine_close(ENGINE *e)
 {
     (void)e;
+}
+
+static int mtls_engine_listed(const char *id)
+{
+    (void)id;
+    return 0;
 }
 
 #endif

@@ -13,6 +13,7 @@ SSL_CTX *mtls_ctx_candidate(uintptr_t, size_t);
 ENGINE *mtls_engine_open(const char *, const char *);
 EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *);
 void mtls_engine_close(ENGINE *);
+int mtls_engine_listed(const char *);
 
 /* Provider backend (stubs returning 0/NULL before OpenSSL 3) */
 int mtls_apply_config(const char *, long *);

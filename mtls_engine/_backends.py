@@ -47,6 +47,14 @@ def engine_status() -> tuple[bool, str]:
             f"libp11's pkcs11 engine is not installed ({where} does not exist); install it "
             "(Debian: apt-get install libengine-pkcs11-openssl) or set MTLS_ENGINE_PKCS11_ENGINE"
         )
+    if lib.mtls_engine_listed(b"pkcs11"):
+        # libp11 keeps its state in the shared object: a second instance of
+        # the engine fails to initialise in a process that already has one.
+        return False, (
+            "libp11's pkcs11 engine was already loaded by OpenSSL's configuration (OPENSSL_CONF or the "
+            "system openssl.cnf), and a second instance cannot start in this process; use the provider "
+            "backend, or drop the engine from that configuration"
+        )
     return True, path
 
 

@@ -179,3 +179,46 @@ def test_build_without_engine_api(tmp_path: Path) -> None:
         assert lines[2] == "provider"
     else:
         assert lines[2].startswith("BackendUnavailable: no backend is available; engine: this OpenSSL has no ENGINE")
+
+
+ENGINE_FROM_CONFIG = """
+import os, ssl, mtls_engine
+from tests.servers import echo_server, server_context, talk
+
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+args = dict(key=os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"], pin=os.environ["T_PIN"])
+try:
+    mtls_engine.client_context(backend="engine", **args)
+except mtls_engine.BackendUnavailable as exc:
+    print("BackendUnavailable:", exc)
+ctx = mtls_engine.client_context(**args)
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+"""
+
+
+def test_engine_already_loaded_by_openssl_cnf(pki: Pki, tmp_path: Path) -> None:
+    """A user's openssl.cnf that loads libp11's engine: a second engine
+    instance cannot start, so the engine backend says why and auto takes the
+    provider."""
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need(provider_status()[0], provider_status()[1])
+    cnf = tmp_path / "engine.cnf"
+    made = subprocess.run(
+        [sys.executable, "-m", "mtls_engine", "config", "--module", pki.module, "--backend", "engine", "-o", str(cnf)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    proc = run_python(
+        ENGINE_FROM_CONFIG,
+        env={"OPENSSL_CONF": str(cnf), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key),
+             "T_CA": str(pki.ca_file), "T_URI": pki.key_uri(KeyKind.P256), "T_MODULE": pki.module,
+             "T_PIN": pki.card1.pin},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "BackendUnavailable: backend 'engine' is unavailable: libp11's pkcs11 engine was already loaded by "
+        "OpenSSL's configuration (OPENSSL_CONF or the system openssl.cnf), and a second instance cannot start in "
+        "this process; use the provider backend, or drop the engine from that configuration",
+        "commonName=card-holder ec256",
+    ]
