@@ -92,29 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SOFTHSM2_CONF"] = state["softhsm2_conf"]
 
     import mtls_engine
+    from mtls_engine._backends import BACKENDS, engine_status, provider_status
 
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(state["server_cert"], state["server_key"])
     server.verify_mode = ssl.CERT_REQUIRED
     server.load_verify_locations(state["ca"])
-    sock = socket.create_server(("127.0.0.1", 0))
-    seen: list[str] = []
-    thread = threading.Thread(target=serve_once, args=(server, sock, seen), daemon=True)
-    thread.start()
-
-    # The demo token's PIN is the documented demo PIN; real cards need yours.
-    ctx = mtls_engine.client_context(key=state["key"], cafile=state["ca"], module=state["module"], pin=DEMO_PIN)
-    port = sock.getsockname()[1]
     print(f"card key: {state['key']} (module {state['module']})")
-    with socket.create_connection(("127.0.0.1", port)) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            reply = tls.recv(200).decode().strip()
-            version = tls.version()
-    thread.join(10)
-    sock.close()
-    print(f"handshake completed ({version}); the card signed it inside OpenSSL")
-    print(f"server saw client certificate: {seen[0] if seen else '?'}")
-    print(f"server replied: {reply}")
+    status = {"engine": engine_status(), "provider": provider_status()}
+    done = 0
+    for backend in BACKENDS:
+        ok, why = status[backend]
+        if not ok:
+            print(f"[{backend}] skipped: {why}")
+            continue
+        sock = socket.create_server(("127.0.0.1", 0))
+        seen: list[str] = []
+        thread = threading.Thread(target=serve_once, args=(server, sock, seen), daemon=True)
+        thread.start()
+        # The demo token's PIN is the documented demo PIN; real cards need yours.
+        ctx = mtls_engine.client_context(
+            key=state["key"], cafile=state["ca"], module=state["module"], pin=DEMO_PIN, backend=backend
+        )
+        with socket.create_connection(("127.0.0.1", sock.getsockname()[1])) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                reply = tls.recv(200).decode().strip()
+                version = tls.version()
+        thread.join(10)
+        sock.close()
+        print(f"[{backend}] handshake completed ({version}); the card signed it inside OpenSSL")
+        print(f"[{backend}] server saw client certificate: {seen[0] if seen else '?'}")
+        print(f"[{backend}] server replied: {reply}")
+        done += 1
+    if not done:
+        return 1
     return 0
 
 
