@@ -214,6 +214,8 @@ class _ProviderBackend:
             lib.ERR_clear_error()
             if not lib.mtls_apply_config(text_.encode(), line) or not lib.mtls_provider_loaded(self.NAME.encode()):
                 errors = consume_errors()
+                if line[0] > 0:
+                    errors.append(f"line {line[0]} of mtls_engine's provider configuration")
                 raise BackendUnavailable(
                     f"cannot load pkcs11-provider {path} for the PKCS#11 module {module.path}"
                     + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
