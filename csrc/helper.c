@@ -272,12 +272,14 @@ static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
 {
     OSSL_STORE_CTX *store;
     EVP_PKEY *found = NULL;
+    int rounds = 0;
     *count = 0;
     store = OSSL_STORE_open_ex(uri, NULL, NULL, mtls_refusing_ui(), NULL, NULL, NULL, NULL);
     if (store == NULL)
         return NULL;
     OSSL_STORE_expect(store, OSSL_STORE_INFO_PKEY);
-    while (!OSSL_STORE_eof(store)) {
+    /* The bound keeps a store that neither ends nor fails from hanging us. */
+    while (!OSSL_STORE_eof(store) && rounds++ < 10000) {
         OSSL_STORE_INFO *info = OSSL_STORE_load(store);
         if (info == NULL) {
             if (OSSL_STORE_error(store))

@@ -56,8 +56,15 @@ class EchoServer:
 
     def close(self) -> None:
         self._stop = True
+        # shutdown() wakes the thread blocked in accept(); close() alone
+        # does not on Linux.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(5)
+        assert not self._thread.is_alive(), "the echo server thread did not stop"
 
 
 @contextmanager
