@@ -24,25 +24,31 @@ def engines_dir() -> str:
     return text(lib.OPENSSL_info(lib.OPENSSL_INFO_ENGINES_DIR))
 
 
+def _installed(env: str, directory: str, names: tuple[str, ...]) -> tuple[str | None, str]:
+    """A backend's shared object: ``$env`` if set, else the first of
+    ``names`` in ``directory``.  Returns (path or None, where it was looked
+    for)."""
+    override = os.environ.get(env)
+    if override:
+        return (override if os.path.exists(override) else None), override
+    for name in names:
+        candidate = os.path.join(directory, name)
+        if os.path.exists(candidate):
+            return candidate, candidate
+    return None, os.path.join(directory, names[0])
+
+
 def engine_path() -> str | None:
     """libp11's engine: ``$MTLS_ENGINE_PKCS11_ENGINE``, else ``pkcs11.so`` (or
     ``libpkcs11.so``) in the engines directory OpenSSL itself reports."""
-    override = os.environ.get("MTLS_ENGINE_PKCS11_ENGINE")
-    if override:
-        return override if os.path.exists(override) else None
-    for name in ("pkcs11.so", "libpkcs11.so"):
-        candidate = os.path.join(engines_dir(), name)
-        if os.path.exists(candidate):
-            return candidate
-    return None
+    return _installed("MTLS_ENGINE_PKCS11_ENGINE", engines_dir(), ("pkcs11.so", "libpkcs11.so"))[0]
 
 
 def engine_status() -> tuple[bool, str]:
     if not lib.MTLS_HAS_ENGINE:
         return False, "this OpenSSL has no ENGINE API (OpenSSL 4, or built with no-engine)"
-    path = engine_path()
+    path, where = _installed("MTLS_ENGINE_PKCS11_ENGINE", engines_dir(), ("pkcs11.so", "libpkcs11.so"))
     if path is None:
-        where = os.environ.get("MTLS_ENGINE_PKCS11_ENGINE") or os.path.join(engines_dir(), "pkcs11.so")
         return False, (
             f"libp11's pkcs11 engine is not installed ({where} does not exist); install it "
             "(Debian: apt-get install libengine-pkcs11-openssl) or set MTLS_ENGINE_PKCS11_ENGINE"
@@ -62,16 +68,6 @@ def modules_dir() -> str:
     return text(lib.OPENSSL_info(lib.OPENSSL_INFO_MODULES_DIR))
 
 
-def provider_path() -> str | None:
-    """pkcs11-provider: ``$MTLS_ENGINE_PKCS11_PROVIDER``, else ``pkcs11.so``
-    in the provider modules directory OpenSSL itself reports."""
-    override = os.environ.get("MTLS_ENGINE_PKCS11_PROVIDER")
-    if override:
-        return override if os.path.exists(override) else None
-    candidate = os.path.join(modules_dir(), "pkcs11.so")
-    return candidate if os.path.exists(candidate) else None
-
-
 # pkcs11-provider 1.0 needs OpenSSL 3.0.7 or newer.
 _PROVIDER_MIN_OPENSSL = 0x30000070
 
@@ -81,15 +77,18 @@ def provider_status() -> tuple[bool, str]:
         return False, "this OpenSSL is older than 3.0 and has no providers"
     if lib.OpenSSL_version_num() < _PROVIDER_MIN_OPENSSL:
         return False, f"pkcs11-provider needs OpenSSL 3.0.7 or newer; this is {text(lib.OpenSSL_version(0))}"
-    path = provider_path()
+    path, where = _installed("MTLS_ENGINE_PKCS11_PROVIDER", modules_dir(), ("pkcs11.so",))
     if path is None:
-        where = os.environ.get("MTLS_ENGINE_PKCS11_PROVIDER") or os.path.join(modules_dir(), "pkcs11.so")
         return False, (
             f"pkcs11-provider is not installed ({where} does not exist); install it (Debian 13: "
             "apt-get install pkcs11-provider; Debian 12: from bookworm-backports) or set "
             "MTLS_ENGINE_PKCS11_PROVIDER"
         )
     return True, path
+
+
+# Each backend's availability: (True, path) or (False, why not).
+STATUS = {"engine": engine_status, "provider": provider_status}
 
 
 def choose(backend: str) -> tuple[str, str]:
@@ -99,9 +98,8 @@ def choose(backend: str) -> tuple[str, str]:
     handshake but the signature), else pkcs11-provider."""
     if backend not in ("auto", *BACKENDS):
         raise BackendUnavailable(f"unknown backend {backend!r}; use 'engine', 'provider' or 'auto'")
-    status = {"engine": engine_status, "provider": provider_status}
     if backend != "auto":
-        ok, why = status[backend]()
+        ok, why = STATUS[backend]()
         if not ok:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {why}")
         return backend, f"{backend} (asked for)"

@@ -15,7 +15,7 @@ from . import _backends
 from ._api import MODULE_ENV
 from ._config import openssl_cnf
 from ._errors import ConfigError, Error, ModuleLoadError
-from ._uripem import key_uri_for_pem, uri_pem
+from ._uripem import read_uri_pem, uri_pem
 
 __all__ = ["main"]
 
@@ -77,8 +77,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_uri_pem(args: argparse.Namespace) -> int:
-    uri = key_uri_for_pem(args.uri)
-    _write(args.output, uri_pem(uri), 0o600)
+    data = uri_pem(args.uri)
+    uri = read_uri_pem(data)  # as written: type=private may have been added
+    _write(args.output, data, 0o600)
     if args.output not in (None, "-"):
         print(
             f"wrote {args.output} for {uri}; with pkcs11-provider loaded (OPENSSL_CONF from "

@@ -92,17 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SOFTHSM2_CONF"] = state["softhsm2_conf"]
 
     import mtls_engine
-    from mtls_engine._backends import BACKENDS, engine_status, provider_status
+    from mtls_engine._backends import BACKENDS, STATUS
 
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(state["server_cert"], state["server_key"])
     server.verify_mode = ssl.CERT_REQUIRED
     server.load_verify_locations(state["ca"])
     print(f"card key: {state['key']} (module {state['module']})")
-    status = {"engine": engine_status(), "provider": provider_status()}
     done = 0
     for backend in BACKENDS:
-        ok, why = status[backend]
+        ok, why = STATUS[backend]()
         if not ok:
             print(f"[{backend}] skipped: {why}")
             continue

@@ -35,7 +35,7 @@ def _tlv(tag: int, body: bytes) -> bytes:
     return bytes([tag]) + _der_length(len(body)) + body
 
 
-def key_uri_for_pem(uri: str) -> str:
+def _key_uri_for_pem(uri: str) -> str:
     """The URI as it goes into the file: it must name a private key, and it
     carries neither a PIN (the file is not encrypted) nor a module (the
     module comes from openssl.cnf)."""
@@ -63,8 +63,8 @@ def key_uri_for_pem(uri: str) -> str:
 
 
 def uri_pem(uri: str) -> bytes:
-    """The PEM file content for the key ``uri`` (checked by key_uri_for_pem)."""
-    body = key_uri_for_pem(uri).encode("utf-8")
+    """The PEM file content for the key ``uri`` (checked by _key_uri_for_pem)."""
+    body = _key_uri_for_pem(uri).encode("utf-8")
     if len(body) > _MAX_URI:
         raise UriError(f"the key URI is {len(body)} bytes long; at most {_MAX_URI} fit in a URI PEM file")
     der = _tlv(_SEQUENCE, _tlv(_VISIBLE_STRING, DESCRIPTION) + _tlv(_UTF8_STRING, body))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mtls_engine import _softhsm
-from mtls_engine._backends import BACKENDS, engine_status, provider_status
+from mtls_engine._backends import BACKENDS, STATUS
 from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -137,7 +137,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                rsa_cert_file)  # fmt: skip
 
 
-BACKEND_STATUS = {"engine": engine_status, "provider": provider_status}
+BACKEND_STATUS = STATUS
 
 
 @pytest.fixture(params=BACKENDS)

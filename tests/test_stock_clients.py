@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mtls_engine._backends import engine_status, provider_status
+from mtls_engine._backends import STATUS
 from mtls_engine._config import SELECTOR_ENV
 from mtls_engine._softhsm import KeyKind
 
@@ -87,7 +87,7 @@ def need_tool(name: str) -> None:
 
 def need_backend(backend: str) -> None:
     for name in ("engine", "provider") if backend == "both" else (backend,):
-        ok, why = {"engine": engine_status, "provider": provider_status}[name]()
+        ok, why = STATUS[name]()
         need(ok, why)
 
 
@@ -109,6 +109,14 @@ def s_client(
          "-ign_eof", "-quiet"],
         input=f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode(), capture_output=True, timeout=TIMEOUT,
         env=stock.env(cnf, use),
+    )  # fmt: skip
+
+
+def curl(stock: Stock, cnf: str, use: str, key_args: list[str], path: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["curl", "--silent", "--show-error", "--fail", "--cacert", str(stock.pki.ca_file), *key_args,
+         stock.url(path)],
+        capture_output=True, timeout=TIMEOUT, env=stock.env(cnf, use),
     )  # fmt: skip
 
 
@@ -141,12 +149,8 @@ def test_curl_engine_with_certificate_from_the_token(stock: Stock, cnf: str) -> 
     kind = KeyKind.P256
     key = stock.pki.key_uri(kind) + f"?pin-source=file:{stock.pin_file}"
     cert = stock.pki.card1.uri(object=CARD_KEYS[kind].label, type="cert")
-    proc = subprocess.run(
-        ["curl", "--silent", "--show-error", "--fail", "--cacert", str(stock.pki.ca_file),
-         "--engine", "pkcs11", "--key-type", "ENG", "--key", key, "--cert-type", "ENG", "--cert", cert,
-         stock.url("/curl-engine")],
-        capture_output=True, timeout=TIMEOUT, env=stock.env(cnf, "engine"),
-    )  # fmt: skip
+    proc = curl(stock, cnf, "engine", ["--engine", "pkcs11", "--key-type", "ENG", "--key", key,
+                                       "--cert-type", "ENG", "--cert", cert], "/curl-engine")  # fmt: skip
     expect_card_identity(proc, kind, "/curl-engine", stock.pki.card1.pin)
 
 
@@ -155,11 +159,8 @@ def test_curl_provider_with_uri_pem(stock: Stock, cnf: str) -> None:
     need_tool("curl")
     need_backend(cnf)
     kind = KeyKind.P256
-    proc = subprocess.run(
-        ["curl", "--silent", "--show-error", "--fail", "--cacert", str(stock.pki.ca_file),
-         "--cert", str(stock.pki.cert_file(kind)), "--key", str(stock.key_pem(kind)), stock.url("/curl-provider")],
-        capture_output=True, timeout=TIMEOUT, env=stock.env(cnf, "provider"),
-    )  # fmt: skip
+    proc = curl(stock, cnf, "provider", ["--cert", str(stock.pki.cert_file(kind)), "--key", str(stock.key_pem(kind))],
+                "/curl-provider")  # fmt: skip
     expect_card_identity(proc, kind, "/curl-provider", stock.pki.card1.pin)
 
 
