@@ -222,3 +222,28 @@ def test_engine_already_loaded_by_openssl_cnf(pki: Pki, tmp_path: Path) -> None:
         "this process; use the provider backend, or drop the engine from that configuration",
         "commonName=card-holder ec256",
     ]
+
+
+NOT_A_PROVIDER = """
+import os, ssl, mtls_engine
+try:
+    mtls_engine.load_card_key(ssl.create_default_context(), os.environ["T_URI"], module=os.environ["T_MODULE"],
+                              pin=os.environ["T_PIN"], backend="provider")
+except mtls_engine.BackendUnavailable as exc:
+    print("BackendUnavailable:", exc)
+"""
+
+
+def test_provider_file_that_is_not_a_provider(pki: Pki) -> None:
+    """MTLS_ENGINE_PKCS11_PROVIDER pointing at some other library: a named
+    error that says which file could not be loaded, no crash."""
+    proc = run_python(
+        NOT_A_PROVIDER,
+        env={"MTLS_ENGINE_PKCS11_PROVIDER": pki.module, "T_URI": pki.key_uri(KeyKind.P256),
+             "T_MODULE": pki.module, "T_PIN": pki.card1.pin},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(
+        f"BackendUnavailable: cannot load pkcs11-provider {pki.module} for the PKCS#11 module {pki.module}"
+    ), proc.stdout
+    assert pki.card1.pin not in proc.stdout + proc.stderr

@@ -142,3 +142,11 @@ def test_config_with_awkward_module_path_works_in_openssl(pki: Pki, tmp_path: Pa
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "object=ec256;type=private" in proc.stdout
+
+
+def test_output_that_cannot_be_written(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "key.pem"
+    proc = run_cli("uri-pem", "pkcs11:token=card1;object=k", "-o", str(target))
+    assert proc.returncode == 1
+    assert f"mtls_engine: ConfigError: cannot write {str(target)!r}: No such file or directory" in proc.stderr
+    assert not target.parent.exists()
