@@ -21,11 +21,13 @@ from ._errors import (
     PinIncorrect,
     PinLocked,
     PinRequired,
+    PinWarning,
     Pkcs11Error,
     TokenNotFound,
     UriError,
 )
 from ._p11 import TokenInfo
+from ._pin import pin_source, prompt_pin
 
 __version__ = "0.1.0"
 
@@ -47,10 +49,13 @@ __all__ = [
     "PinIncorrect",
     "PinLocked",
     "PinRequired",
+    "PinWarning",
     "Pkcs11Error",
     "TokenInfo",
     "TokenNotFound",
     "UriError",
     "client_context",
     "load_card_key",
+    "pin_source",
+    "prompt_pin",
 ]

@@ -126,16 +126,22 @@ def load_card_key(
     module: str | os.PathLike[str] | None = None,
     pin: PinArg = None,
     backend: str = "auto",
+    *,
+    force: bool = False,
 ) -> CardKey:
     """Attach the token's private key ``key`` (a ``pkcs11:`` URI) and its
     certificate to ``ctx``; every handshake signature is then made by the
-    token.  ``cert``: None for the certificate stored with the key's id, a
+    token.  ``pin``: a str/bytes PIN, a callable ``(TokenInfo) -> PIN``
+    (e.g. ``pin_source("env:VAR")``), or None (a pinpad reader, a token
+    without login, or the URI's ``pin-source``).  mtls_engine does not log
+    in to a token whose PIN is locked or on its final try; ``force=True``
+    allows the final try (with a PinWarning).  ``cert``: None for the certificate stored with the key's id, a
     ``pkcs11:`` URI, or a PEM/DER file (extra PEM certificates become the
     chain).  Logs in at most once; raises a subclass of ``mtls_engine.Error``.
     """
     lib.ERR_clear_error()
     try:
-        return _load_card_key(ctx, key, cert, module, pin, backend)
+        return _load_card_key(ctx, key, cert, module, pin, backend, force)
     finally:
         consume_errors()  # leave nothing for _ssl to misreport later
 
@@ -147,6 +153,7 @@ def _load_card_key(
     module: str | os.PathLike[str] | None,
     pin: PinArg,
     backend: str,
+    force: bool,
 ) -> CardKey:
     ssl_ctx = ssl_ctx_pointer(ctx)
     key_uri = parse(key, what="key")
@@ -158,7 +165,7 @@ def _load_card_key(
     get_pin = pin_getter(pin, key_uri)
     mod = Module.load(_module_path(module, key_uri))
     token = mod.find_token(key_uri)
-    mod.login(token, get_pin, pin_memory=MEMORY)
+    mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
     key_obj = mod.find_private_key(token, key_uri)
 
     if cert_arg is None or cert_is_uri:
@@ -256,11 +263,12 @@ def client_context(
     *,
     capath: str | os.PathLike[str] | None = None,
     cadata: str | bytes | None = None,
+    force: bool = False,
 ) -> ssl.SSLContext:
     """A client ``SSLContext`` that proves itself with the card key and
     verifies the server (chain to ``cafile``/``capath``/``cadata``, or the
     system's CAs, and host name), TLS 1.2 or newer."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend)
+    load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend, force=force)
     return ctx

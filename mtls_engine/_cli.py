@@ -1,5 +1,8 @@
 """``python -m mtls_engine``: command-line tools.
 
+check    find out, step by step, whether a card key can do mutual TLS
+list     show slots, tokens, mechanisms and objects of a PKCS#11 module
+connect  an HTTPS GET with the card key (--trace shows the handshake)
 config   write an openssl.cnf that makes stock clients use a card key
 uri-pem  write a PKCS#11 PROVIDER URI key file for a pkcs11: URI
 """
@@ -7,53 +10,21 @@ uri-pem  write a PKCS#11 PROVIDER URI key file for a pkcs11: URI
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from . import _backends
+from . import _backends, _check, _connect, _listing
 from ._api import MODULE_ENV
+from ._cliutil import module_arg, write_output
 from ._config import openssl_cnf
-from ._errors import ConfigError, Error, ModuleLoadError
+from ._errors import ConfigError, Error
 from ._uripem import read_uri_pem, uri_pem
 
 __all__ = ["main"]
 
 
-def _write(path: str | None, data: bytes, mode: int) -> None:
-    """Write to ``path`` (``-`` or None: standard output), creating the file
-    with ``mode``; an existing file is replaced."""
-    if path in (None, "-"):
-        sys.stdout.write(data.decode())
-        sys.stdout.flush()
-        return
-    assert path is not None
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise ConfigError(f"cannot write {path!r}: {exc.strerror}") from None
-
-
-def _module_arg(module: str | None) -> str:
-    module = module or os.environ.get(MODULE_ENV)
-    if not module:
-        raise ModuleLoadError(f"no PKCS#11 module given; pass --module /path/to/pkcs11-module.so or set {MODULE_ENV}")
-    if not os.path.isfile(module):
-        raise ModuleLoadError(f"the PKCS#11 module {module!r} does not exist; pass the path of your card's module")
-    # Stock clients run from any folder: the file must name it absolutely.
-    return os.path.abspath(module)
-
-
 def cmd_config(args: argparse.Namespace) -> int:
-    module = _module_arg(args.module)
+    module = module_arg(args.module)
     engine_ok, engine_so = _backends.engine_status()
     provider_ok, provider_so = _backends.provider_status()
     backend = args.backend
@@ -70,7 +41,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         provider_so=provider_so if provider_ok else None,
         pin_source=args.pin_source,
     )
-    _write(args.output, text.encode(), 0o644)
+    write_output(args.output, text.encode(), 0o644)
     if args.output not in (None, "-"):
         print(f"wrote {args.output} ({backend}) for {module}; use it with OPENSSL_CONF={args.output}", file=sys.stderr)
     return 0
@@ -79,7 +50,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_uri_pem(args: argparse.Namespace) -> int:
     data = uri_pem(args.uri)
     uri = read_uri_pem(data)  # as written: type=private may have been added
-    _write(args.output, data, 0o600)
+    write_output(args.output, data, 0o600)
     if args.output not in (None, "-"):
         print(
             f"wrote {args.output} for {uri}; with pkcs11-provider loaded (OPENSSL_CONF from "
@@ -92,6 +63,9 @@ def cmd_uri_pem(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mtls_engine", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _check.register(sub)
+    _listing.register(sub)
+    _connect.register(sub)
 
     p = sub.add_parser("config", help="write an openssl.cnf that makes stock clients use a card key")
     p.add_argument("--module", help=f"the card's PKCS#11 module (default: ${MODULE_ENV})")

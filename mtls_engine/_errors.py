@@ -20,6 +20,7 @@ __all__ = [
     "PinIncorrect",
     "PinLocked",
     "PinRequired",
+    "PinWarning",
     "Pkcs11Error",
     "TokenNotFound",
     "UriError",
@@ -87,6 +88,11 @@ class PinLocked(PinError):
 
 class PinFinalTry(PinLocked):
     """One more wrong PIN would lock the card, so mtls_engine did not try."""
+
+
+class PinWarning(UserWarning):
+    """A login went ahead although the token warned (``force=True`` on a
+    token whose PIN is on its final try)."""
 
 
 class CertKeyMismatch(Error):

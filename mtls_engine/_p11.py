@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from ._errors import (
     PinIncorrect,
     PinLocked,
     PinRequired,
+    PinWarning,
     Pkcs11Error,
     TokenNotFound,
 )
@@ -249,10 +251,17 @@ class Module:
                     "Have it unblocked with the security officer PIN or PUK (e.g. pkcs11-tool "
                     "--unlock-pin)"
                 )
-            if fresh.flags & lib.CKF_USER_PIN_FINAL_TRY and not allow_final_try:
-                raise PinFinalTry(
-                    f"{fresh} reports that one more wrong PIN will lock it, so mtls_engine did "
-                    "not log in. Check the PIN with your card vendor's tool first"
+            if fresh.flags & lib.CKF_USER_PIN_FINAL_TRY:
+                if not allow_final_try:
+                    raise PinFinalTry(
+                        f"{fresh} reports that one more wrong PIN will lock it, so mtls_engine did "
+                        "not log in. Make sure of the PIN (your card issuer or its tool), then pass "
+                        "force=True (--force) to try it once"
+                    )
+                warnings.warn(
+                    f"{fresh} is on its final PIN try; logging in anyway because force=True was given",
+                    PinWarning,
+                    stacklevel=4,
                 )
             if fresh.protected_authentication_path:
                 pin = None  # pinpad reader: the PIN is entered on the reader
@@ -260,8 +269,9 @@ class Module:
                 pin = get_pin(fresh)
                 if pin is None:
                     raise PinRequired(
-                        f"{fresh} needs a PIN and none was given; pass pin=... (a str, bytes or "
-                        "a callable) or add pin-source=file:... to the URI"
+                        f"{fresh} needs a PIN and none was given; pass pin= (a str, bytes, a callable "
+                        "or mtls_engine.pin_source('env:VAR'|'file:PATH'|'prompt')), --pin-source on the "
+                        "command line, or add pin-source=file:... to the URI"
                     )
                 if pin_memory.rejected(fresh, pin):
                     raise PinIncorrect(

@@ -7,15 +7,18 @@ PIN is never sent to the same card twice, whoever asks.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import os
+import re
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import Union
 
-from ._errors import PinError
+from ._errors import PinError, PinRequired
 from ._p11 import TokenInfo
 from ._uri import ParsedUri
 
@@ -58,6 +61,76 @@ def _read_pin_file(path: str, origin: str) -> bytes:
     if not pin:
         raise PinError(f"the PIN file named by {origin} ({path}) is empty")
     return pin
+
+
+def _read_pin_env(var: str) -> bytes:
+    value = os.environ.get(var)
+    if value is None:
+        raise PinRequired(f"the environment variable {var} (from env:{var}) is not set; set it to the PIN")
+    if not value:
+        raise PinRequired(f"the environment variable {var} (from env:{var}) is empty; set it to the PIN")
+    return value.encode("utf-8")
+
+
+def prompt_pin(token: TokenInfo) -> bytes:
+    """Ask for the PIN on the terminal, without echo.  Never guesses: with
+    no terminal (a service, a pipe, CI) it raises PinRequired instead."""
+    if not (sys.stdin is not None and sys.stdin.isatty()):
+        raise PinRequired(
+            f"{token} needs a PIN and there is no terminal to ask on; give it with "
+            "--pin-source env:VAR or file:PATH (Python: pin=mtls_engine.pin_source(...))"
+        )
+    pin = getpass.getpass(f"PIN for {token}: ")
+    if not pin:
+        raise PinRequired(f"no PIN was entered for {token}")
+    return pin.encode("utf-8")
+
+
+class _Source:
+    """A PIN source as a callable ``pin=``: read when (and only when) a login
+    needs it.  Its repr names the source, never the PIN."""
+
+    def __init__(self, spec: str, read: Callable[[TokenInfo], bytes]) -> None:
+        self.spec = spec
+        self._read = read
+
+    def __call__(self, token: TokenInfo) -> bytes:
+        return self._read(token)
+
+    def __repr__(self) -> str:
+        return f"pin_source({self.spec!r})"
+
+
+def pin_source(spec: str) -> Callable[[TokenInfo], bytes]:
+    """A ``pin=`` callable from a PIN source: ``env:VAR`` (an environment
+    variable), ``file:PATH`` (a file's first line) or ``prompt`` (ask on the
+    terminal).  A PIN itself is never accepted here, so it cannot end up in
+    a process's argument list."""
+    if not isinstance(spec, str):
+        raise PinError(f"a PIN source is a str such as 'env:VAR' or 'file:PATH', not {type(spec).__name__}")
+    kind, sep, rest = spec.partition(":")
+    kind = kind.lower()
+    if kind == "prompt" and not rest:
+        return _Source("prompt", prompt_pin)
+    if sep and kind == "env" and rest:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rest):
+            raise PinError(f"env:{rest} does not name an environment variable; use env:NAME")
+        return _Source(spec, lambda token: _read_pin_env(rest))
+    if sep and kind == "file" and rest:
+        path = urllib.parse.unquote(urllib.parse.urlsplit(spec).path) if rest.startswith("//") else rest
+        return _Source(spec, lambda token: _read_pin_file(path, spec))
+    raise PinError(
+        f"unknown PIN source {_describe_spec(spec)}; use env:VAR, file:PATH or prompt "
+        "(a PIN itself is never accepted here)"
+    )
+
+
+def _describe_spec(spec: str) -> str:
+    """Name a bad PIN source without echoing it: it may be a PIN typed by mistake."""
+    kind, sep, _ = spec.partition(":")
+    if sep and kind.isalpha() and len(kind) <= 16:
+        return f"of kind {kind!r}"
+    return f"({len(spec)} characters, not shown in case it is a PIN)"
 
 
 def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytes | None]:
