@@ -111,6 +111,7 @@ ffibuilder.set_source(
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/rsa.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <p11-kit/p11-kit.h>

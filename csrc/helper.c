@@ -337,3 +337,32 @@ static int mtls_provider_loaded(const char *name)
 }
 
 #endif
+
+/* ---- a test signature through the card key (for `check`) -------------- */
+
+/* Sign `tbs` with `pkey` the way a TLS CertificateVerify would: digest
+   `mdname` and, for RSA, PSS (salt = digest length) when `pss`, else
+   PKCS#1 v1.5.  The signature is made wherever the key lives: by the
+   engine or provider, on the card.  1 on success, with *siglen set. */
+static int mtls_test_sign(EVP_PKEY *pkey, const char *mdname, int pss, const unsigned char *tbs,
+                          size_t tbslen, unsigned char *sig, size_t *siglen)
+{
+    const EVP_MD *md = EVP_get_digestbyname(mdname);
+    EVP_MD_CTX *mctx = EVP_MD_CTX_new();
+    EVP_PKEY_CTX *pctx = NULL;
+    int ok = 0;
+    if (md == NULL || mctx == NULL)
+        goto done;
+    if (EVP_DigestSignInit(mctx, &pctx, md, NULL, pkey) != 1)
+        goto done;
+    if (EVP_PKEY_get_id(pkey) == EVP_PKEY_RSA) {
+        if (EVP_PKEY_CTX_set_rsa_padding(pctx, pss ? RSA_PKCS1_PSS_PADDING : RSA_PKCS1_PADDING) <= 0)
+            goto done;
+        if (pss && EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, RSA_PSS_SALTLEN_DIGEST) <= 0)
+            goto done;
+    }
+    ok = EVP_DigestSign(mctx, sig, siglen, tbs, tbslen) == 1;
+done:
+    EVP_MD_CTX_free(mctx);
+    return ok;
+}

@@ -20,3 +20,6 @@ int mtls_apply_config(const char *, long *);
 void mtls_activate_fallbacks(void);
 EVP_PKEY *mtls_store_load_private_key(const char *, int *);
 int mtls_provider_loaded(const char *);
+
+/* check: one signature through the loaded key */
+int mtls_test_sign(EVP_PKEY *, const char *, int, const unsigned char *, size_t, unsigned char *, size_t *);

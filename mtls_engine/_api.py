@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from ._uri import ParsedUri, parse
 __all__ = ["CardKey", "client_context", "load_card_key"]
 
 MODULE_ENV = "MTLS_ENGINE_MODULE"
+log = logging.getLogger("mtls_engine")
 
 # PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _adapt_sigalgs).
 _PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"
@@ -119,6 +121,40 @@ def _token_certificates(module: Module, token: TokenInfo, key: KeyObject, cert: 
     return ders, f"a certificate matching {curi.describe_object()} on {ctoken}"
 
 
+def certificate_candidates(
+    mod: Module, token: TokenInfo, key_obj: KeyObject, cert: str | None
+) -> tuple[list[bytes], list[bytes], str]:
+    """(candidate leaf certificates, extra chain certificates, what was
+    searched), all DER, for ``cert`` as load_card_key takes it."""
+    if cert is None or cert[:7].lower() == "pkcs11:":
+        candidates, searched = _token_certificates(mod, token, key_obj, cert)
+        if not candidates:
+            raise ObjectNotFound(
+                f"no certificate found: looked for {searched}. Store the certificate on the token "
+                "with the key's CKA_ID, or pass cert= a PEM file"
+            )
+        return candidates, [], searched
+    ders = _read_cert_file(cert)
+    return ders[:1], ders[1:], repr(cert)
+
+
+def pick_leaf(
+    candidates: list[bytes], searched: str, pkey: Any, key_obj: KeyObject, token: TokenInfo
+) -> tuple[bytes, Any]:
+    """The candidate certificate that belongs to ``pkey`` (DER, X509*)."""
+    matching = [(der, cert) for der, cert in ((d, _x509(d)) for d in candidates) if _matches(cert, pkey)]
+    if not matching:
+        subjects = ", ".join(x509.load_der_x509_certificate(d).subject.rfc4514_string() for d in candidates)
+        raise CertKeyMismatch(
+            f"the certificate ({searched}: {subjects}) does not belong to the private key "
+            f"{key_obj.label!r} (id {key_obj.id.hex()}) on {token}; use the certificate issued "
+            "for this key"
+        )
+    # Several certificates for the same key (typically a renewal): take the
+    # one valid longest, which is what a user renewing expects.
+    return max(matching, key=lambda m: x509.load_der_x509_certificate(m[0]).not_valid_after_utc)
+
+
 def load_card_key(
     ctx: ssl.SSLContext,
     key: str,
@@ -161,37 +197,15 @@ def _load_card_key(
         raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")
     chosen, reason = _backends.choose(backend)
     cert_arg = None if cert is None else os.fspath(cert)
-    cert_is_uri = cert_arg is not None and cert_arg[:7].lower() == "pkcs11:"
     get_pin = pin_getter(pin, key_uri)
     mod = Module.load(_module_path(module, key_uri))
     token = mod.find_token(key_uri)
     mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
     key_obj = mod.find_private_key(token, key_uri)
 
-    if cert_arg is None or cert_is_uri:
-        chain_ders: list[bytes] = []
-        candidates, searched = _token_certificates(mod, token, key_obj, cert_arg)
-        if not candidates:
-            raise ObjectNotFound(
-                f"no certificate found: looked for {searched}. Store the certificate on the token "
-                "with the key's CKA_ID, or pass cert= a PEM file"
-            )
-    else:
-        ders = _read_cert_file(cert_arg)
-        candidates, chain_ders, searched = ders[:1], ders[1:], repr(cert_arg)
-
+    candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
     pkey = _backends.load_private_key(chosen, mod, token, key_obj)
-    matching = [(der, cert) for der, cert in ((d, _x509(d)) for d in candidates) if _matches(cert, pkey)]
-    if not matching:
-        subjects = ", ".join(x509.load_der_x509_certificate(d).subject.rfc4514_string() for d in candidates)
-        raise CertKeyMismatch(
-            f"the certificate ({searched}: {subjects}) does not belong to the private key "
-            f"{key_obj.label!r} (id {key_obj.id.hex()}) on {token}; use the certificate issued "
-            "for this key"
-        )
-    # Several certificates for the same key (typically a renewal): take the
-    # one valid longest, which is what a user renewing expects.
-    leaf_der, leaf = max(matching, key=lambda m: x509.load_der_x509_certificate(m[0]).not_valid_after_utc)
+    leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
     leaf_obj = x509.load_der_x509_certificate(leaf_der)
 
     if not lib.SSL_CTX_use_certificate(ssl_ctx, leaf):
@@ -204,6 +218,8 @@ def _load_card_key(
     if not lib.SSL_CTX_check_private_key(ssl_ctx):
         raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
     notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj)
+    for note in notes:
+        log.warning("%s (key %r on %s)", note, key_obj.label, token)
     info = CardKey(
         backend=chosen,
         backend_reason=reason,
@@ -228,6 +244,14 @@ def _key_type_name(pkey: Any) -> str:
     return f"type {kid} ({bits} bits)"
 
 
+def can_sign_pss(mod: Module, token: TokenInfo, key: KeyObject) -> bool:
+    """Whether the token has RSA-PSS and the key's CKA_ALLOWED_MECHANISMS
+    (when it sets any) allow it."""
+    pss = lib.CKM_RSA_PKCS_PSS
+    allowed = mod.allowed_mechanisms(token.slot_id, key.handle)
+    return (allowed is None or pss in allowed) and pss in mod.mechanisms(token.slot_id)
+
+
 def _adapt_sigalgs(ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenInfo, key: KeyObject) -> list[str]:
     """Many cards cannot do RSA-PSS.  TLS 1.3 requires PSS for RSA, and TLS
     1.2 picks PSS when both sides offer it, so such a key fails every
@@ -236,15 +260,7 @@ def _adapt_sigalgs(ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenI
     this context at TLS 1.2, and say so."""
     if key.key_type != lib.CKK_RSA:
         return []
-    pss = lib.CKM_RSA_PKCS_PSS
-    allowed = mod.attribute(token.slot_id, key.handle, lib.CKA_ALLOWED_MECHANISMS)
-    if allowed:
-        n = len(allowed) // ffi.sizeof("unsigned long")
-        arr = ffi.cast("unsigned long *", ffi.from_buffer(allowed))
-        key_pss = any(int(arr[i]) == pss for i in range(n))
-    else:
-        key_pss = True
-    if key_pss and pss in mod.mechanisms(token.slot_id):
+    if can_sign_pss(mod, token, key):
         return []
     if not lib.SSL_CTX_set1_client_sigalgs_list(ssl_ctx, _PKCS1_SIGALGS):
         raise OpenSSLError("cannot restrict signature algorithms to PKCS#1 v1.5", consume_errors())

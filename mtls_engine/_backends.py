@@ -112,7 +112,7 @@ def choose(backend: str) -> tuple[str, str]:
     raise BackendUnavailable(f"no backend is available; engine: {engine_why}; provider: {provider_why}")
 
 
-def _key_uri(token: TokenInfo, key: KeyObject) -> str:
+def key_uri(token: TokenInfo, key: KeyObject) -> str:
     """The URI a backend loads: the token by serial and label, the key by id
     and label, exactly as mtls_engine found it."""
     attrs: list[tuple[str, bytes]] = [("serial", token.serial.encode()), ("token", token.label.encode())]
@@ -151,7 +151,7 @@ class _EngineBackend:
             return e
 
     def load_private_key(self, module: Module, token: TokenInfo, key: KeyObject) -> Any:
-        uri = _key_uri(token, key)
+        uri = key_uri(token, key)
         e = self.engine(module)
         lib.ERR_clear_error()
         pkey = lib.mtls_engine_load_private_key(e, uri.encode())
@@ -229,7 +229,7 @@ class _ProviderBackend:
             return cached
 
     def _load(self, token: TokenInfo, key: KeyObject) -> Any:
-        uri = _key_uri(token, key)
+        uri = key_uri(token, key)
         count = ffi.new("int *")
         lib.ERR_clear_error()
         pkey = lib.mtls_store_load_private_key(uri.encode(), count)

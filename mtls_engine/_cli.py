@@ -10,6 +10,7 @@ uri-pem  write a PKCS#11 PROVIDER URI key file for a pkcs11: URI
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -89,8 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
+def _log_to_stderr() -> None:
+    """mtls_engine's log records (warnings such as a TLS 1.2 cap) on stderr,
+    in the CLI's own format; once per process."""
+    log = logging.getLogger("mtls_engine")
+    if not any(getattr(h, "_mtls_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LowerLevelFormatter("mtls_engine: %(level)s: %(message)s"))
+        handler._mtls_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         status: int = args.func(args)
     except Error as exc:

@@ -404,6 +404,53 @@ class Module:
                 out.append(der)
         return out
 
+    def slots(self) -> list[tuple[int, Any]]:
+        """Every slot, with or without a token: (slot id, CK_SLOT_INFO)."""
+        with self._lock:
+            n = ffi.new("unsigned long *")
+            self._check(self.fl.C_GetSlotList(0, ffi.NULL, n), "C_GetSlotList")
+            ids = ffi.new("CK_SLOT_ID[]", max(n[0], 1))
+            self._check(self.fl.C_GetSlotList(0, ids, n), "C_GetSlotList")
+            out = []
+            for i in range(n[0]):
+                info = ffi.new("CK_SLOT_INFO *")
+                self._check(self.fl.C_GetSlotInfo(ids[i], info), "C_GetSlotInfo")
+                out.append((int(ids[i]), info))
+            return out
+
+    def raw_token_info(self, slot_id: int) -> Any:
+        return self._raw_token_info(slot_id)
+
+    def mechanism_info(self, slot_id: int, mechanism: int) -> tuple[int, int, int] | None:
+        """(min key size, max key size, flags), or None when the module will not say."""
+        info = ffi.new("CK_MECHANISM_INFO *")
+        if self.fl.C_GetMechanismInfo(slot_id, mechanism, info) != lib.CKR_OK:
+            return None
+        return int(info.ulMinKeySize), int(info.ulMaxKeySize), int(info.flags)
+
+    def key_size(self, slot_id: int, handle: int, key_type: int) -> tuple[int, str]:
+        """(bits, curve name or "") of a key object; 0 bits when unknown."""
+        from ._names import CURVES
+
+        if key_type == lib.CKK_RSA:
+            modulus = self.attribute(slot_id, handle, lib.CKA_MODULUS)
+            return (len(modulus.lstrip(b"\x00")) * 8 if modulus else 0), ""
+        params = self.attribute(slot_id, handle, lib.CKA_EC_PARAMS)
+        if params:
+            name, bits = CURVES.get(params, ("", 0))
+            return bits, name
+        return 0, ""
+
+    def allowed_mechanisms(self, slot_id: int, handle: int) -> list[int] | None:
+        """The key's CKA_ALLOWED_MECHANISMS, or None when it sets none (any
+        mechanism the token has)."""
+        raw = self.attribute(slot_id, handle, lib.CKA_ALLOWED_MECHANISMS)
+        if not raw:
+            return None
+        n = len(raw) // ffi.sizeof("unsigned long")
+        arr = ffi.cast("unsigned long *", ffi.from_buffer(raw))
+        return [int(arr[i]) for i in range(n)]
+
     def mechanisms(self, slot_id: int) -> set[int]:
         with self._lock:
             n = ffi.new("unsigned long *")
