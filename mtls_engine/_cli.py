@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import _backends, _check, _connect, _listing
 from ._api import MODULE_ENV
 from ._cliutil import module_arg, write_output
 from ._config import openssl_cnf
-from ._errors import ConfigError, Error
+from ._errors import ConfigError, Error, PinWarning
 from ._uripem import read_uri_pem, uri_pem
 
 __all__ = ["main"]
@@ -111,9 +112,19 @@ def _log_to_stderr() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
-    try:
-        status: int = args.func(args)
-    except Error as exc:
-        print(f"mtls_engine: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        # A PinWarning (a forced final try) is said once, in the CLI's format.
+        warnings.simplefilter("always", PinWarning)
+        previous, warnings.showwarning = warnings.showwarning, _show_warning
+        try:
+            status: int = args.func(args)
+        except Error as exc:
+            print(f"mtls_engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            warnings.showwarning = previous
     return status
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    print(f"mtls_engine: warning: {message}", file=sys.stderr)

@@ -285,3 +285,18 @@ def test_bad_connect_argument_is_a_usage_error(pki: Pki) -> None:
     proc = run_cli("check", "--module", pki.module, "--connect", "no-port-here")
     assert proc.returncode == 2
     assert "--connect wants HOST:PORT" in proc.stderr
+
+
+def test_prompts_for_the_pin_on_a_terminal_without_echo(pki: Pki) -> None:
+    """No --pin-source on a terminal: the PIN is asked for, not echoed, and
+    used for exactly this token."""
+    from mtls_engine._softhsm import _run_with_tty_pin
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    args = [sys.executable, "-m", "mtls_engine", "check", "--module", pki.module, "--key", pki.key_uri(KeyKind.P256)]
+    rc, out = _run_with_tty_pin(args, pki.card1.pin, env)
+    assert rc == 0, out
+    _, _, rest = out.partition(f"PIN for token 'card1' (serial {pki.card1.serial}")
+    assert rest, out
+    assert pki.card1.pin not in out  # echo was off
+    assert "✓ login" in rest and "all checks passed" in rest

@@ -152,6 +152,26 @@ def test_rsa_key_without_pss(pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLS
     assert answer == {"subject": "commonName=card-holder nopss", "version": "TLSv1.2"}
 
 
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_rsa_key_without_pss_fails_without_the_adaptation(
+    pki: Pki, srv_ctx: ssl.SSLContext, version: ssl.TLSVersion, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control for the test above: the same key, the same TLS-1.3-capable
+    server, with the adaptation switched off, fails the handshake (TLS 1.3
+    needs PSS; in TLS 1.2 both sides prefer PSS)."""
+    from mtls_engine import _api
+
+    monkeypatch.setattr(_api, "_adapt_sigalgs", lambda *args: [])
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    ctx.maximum_version = version
+    info = mtls_engine.load_card_key(
+        ctx, pki.card1.uri(object="nopss", type="private"), module=pki.module, pin=pki.card1.pin, backend=backend
+    )
+    assert info.notes == ()
+    with echo_server(srv_ctx) as srv, pytest.raises(ssl.SSLError):
+        talk(ctx, srv.port)
+
+
 def test_rsa_key_with_pss_keeps_tls13(pki: Pki, backend: str) -> None:
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     info = mtls_engine.load_card_key(

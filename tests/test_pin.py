@@ -54,3 +54,52 @@ def test_rejected_pins_are_remembered_per_token_without_storing_them() -> None:
     assert not memory.rejected(TOKEN, b"2222")
     assert not memory.rejected(OTHER, b"1111")  # another card: its own counter
     assert all(b"1111" not in digest for digest in memory._rejected)
+
+
+def test_pin_sources_env_file_and_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARD_PIN", "5551234")
+    src = mtls_engine.pin_source("env:CARD_PIN")
+    assert repr(src) == "pin_source('env:CARD_PIN')"  # names the source, never the PIN
+    assert pin_getter(src)(TOKEN) == b"5551234"
+    monkeypatch.setenv("CARD_PIN", "7778888")  # read at login time, not when made
+    assert pin_getter(src)(TOKEN) == b"7778888"
+    f = tmp_path / "pin file"
+    f.write_text("24680\n")
+    assert pin_getter(mtls_engine.pin_source(f"file:{f}"))(TOKEN) == b"24680"
+    assert pin_getter(mtls_engine.pin_source("file://" + str(f).replace(" ", "%20")))(TOKEN) == b"24680"
+
+    answers = iter(["1357"])
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True, raising=False)
+    monkeypatch.setattr("getpass.getpass", lambda prompt: next(answers))
+    assert pin_getter(mtls_engine.pin_source("prompt"))(TOKEN) == b"1357"
+
+
+def test_pin_source_errors_name_the_source_not_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_PIN_VAR", raising=False)
+    with pytest.raises(mtls_engine.PinRequired, match=r"^the environment variable NO_SUCH_PIN_VAR .* is not set"):
+        mtls_engine.pin_source("env:NO_SUCH_PIN_VAR")(TOKEN)
+    monkeypatch.setenv("EMPTY_PIN_VAR", "")
+    with pytest.raises(mtls_engine.PinRequired, match=r"EMPTY_PIN_VAR .* is empty"):
+        mtls_engine.pin_source("env:EMPTY_PIN_VAR")(TOKEN)
+    with pytest.raises(mtls_engine.PinError, match=r"env:1X does not name an environment variable"):
+        mtls_engine.pin_source("env:1X")
+    # a PIN typed where a source belongs is refused without being echoed
+    with pytest.raises(mtls_engine.PinError) as info:
+        mtls_engine.pin_source("123456")
+    assert "123456" not in str(info.value)
+    assert str(info.value).startswith("unknown PIN source (6 characters, not shown in case it is a PIN)")
+    with pytest.raises(mtls_engine.PinError, match="unknown PIN source of kind 'pin'; use env:VAR, file:PATH"):
+        mtls_engine.pin_source("pin:1234")
+    with pytest.raises(mtls_engine.PinError, match="a PIN source is a str"):
+        mtls_engine.pin_source(1234)  # type: ignore[arg-type]
+
+
+def test_prompt_without_a_terminal_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False, raising=False)
+
+    def no_prompt(prompt: str) -> str:
+        raise AssertionError("must not prompt without a terminal")
+
+    monkeypatch.setattr("getpass.getpass", no_prompt)
+    with pytest.raises(mtls_engine.PinRequired, match="there is no terminal to ask on; give it with --pin-source"):
+        mtls_engine.prompt_pin(TOKEN)

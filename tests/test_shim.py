@@ -185,16 +185,20 @@ def test_unconfigured_shim_refuses_to_load(card: ShimCard, tmp_path: Path) -> No
 # ---- mtls_engine's PIN safety through the public API ---------------------------
 
 API_SCRIPT = """
-import json, os, ssl, time
+import json, os, ssl, time, warnings
 import mtls_engine
 
 E = os.environ
-out = {"loads": []}
+out = {"loads": [], "warnings": []}
 ctx = None
 for _ in range(int(E.get("T_LOADS", "1"))):
     ctx = ssl.create_default_context(cafile=E["T_CA"])  # a new context each time
     try:
-        mtls_engine.load_card_key(ctx, E["T_URI"], module=E["T_MODULE"], pin=E.get("T_PIN"), backend=E["T_BACKEND"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mtls_engine.load_card_key(ctx, E["T_URI"], module=E["T_MODULE"], pin=E.get("T_PIN"),
+                                      backend=E["T_BACKEND"], force=bool(E.get("T_FORCE")))
+        out["warnings"] += [[w.category.__name__, str(w.message)] for w in caught]
         out["loads"].append(["ok", ""])
     except mtls_engine.Error as exc:
         out["loads"].append([type(exc).__name__, str(exc)])
@@ -211,9 +215,11 @@ print(json.dumps(out))
 
 
 def _api(card: ShimCard, pki: Pki, env: dict[str, str], backend: str, *, pin: str | None,
-         loads: int = 1, handshake: bool = False) -> dict[str, Any]:  # fmt: skip
+         loads: int = 1, handshake: bool = False, force: bool = False) -> dict[str, Any]:  # fmt: skip
     child = {**env, "T_URI": card.key_uri, "T_BACKEND": backend, "T_LOADS": str(loads), "T_CA": str(pki.ca_file),
              "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)}  # fmt: skip
+    if force:
+        child["T_FORCE"] = "1"
     if pin is not None:
         child["T_PIN"] = pin
     if handshake:
@@ -239,6 +245,19 @@ def test_final_try_is_not_risked(card: ShimCard, pki: Pki, tmp_path: Path, backe
     ((cls, msg),) = out["loads"]
     assert cls == "PinFinalTry" and "one more wrong PIN" in msg
     assert _logins(env) == []
+
+
+def test_final_try_with_force_logs_in_once_with_a_warning(
+    card: ShimCard, pki: Pki, tmp_path: Path, backend: str
+) -> None:
+    env = card.env(tmp_path, token_flags=["final_try"])
+    out = _api(card, pki, env, backend, pin=PIN, force=True, handshake=True)
+    assert out["loads"] == [["ok", ""]]
+    assert out["subject"] == "commonName=card-holder shimcard"
+    ((category, message),) = out["warnings"]
+    assert category == "PinWarning"
+    assert "is on its final PIN try; logging in anyway because force=True was given" in message
+    assert len(_logins(env)) == 1
 
 
 def test_locked_pin_is_not_tried(card: ShimCard, pki: Pki, tmp_path: Path, backend: str) -> None:
@@ -314,3 +333,51 @@ def test_slow_card_signs_concurrently(card: ShimCard, pki: Pki, tmp_path: Path, 
     assert out["subjects"] == ["commonName=card-holder shimcard"] * 4
     assert p11shim.signatures(env["MTLS_SHIM_LOG"]) == 4
     assert out["seconds"] >= 0.3, out  # the delay was applied
+
+
+# ---- the command line on the same tokens ---------------------------------------
+
+
+def _cli(env: dict[str, str], *args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    full = {**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "mtls_engine", *args], capture_output=True, text=True,
+                          env=full, timeout=120)  # fmt: skip
+
+
+def test_check_stops_before_the_final_try_and_force_goes_on(card: ShimCard, tmp_path: Path) -> None:
+    env = {**card.env(tmp_path, token_flags=["final_try"]), "CARD_PIN": PIN}
+    args = ("check", "--module", env["T_MODULE"], "--key", card.key_uri, "--pin-source", "env:CARD_PIN", "--json")
+    proc = _cli(env, *args)
+    assert proc.returncode == 1, proc.stderr
+    steps = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+    token = steps["token"]
+    assert (token["status"], token["facts"]["pin_state"]) == ("fail", "final_try")
+    assert "one more wrong PIN locks the card" in token["summary"]
+    assert token["hint"] == "make sure of the PIN first (card issuer, vendor tool); then --force tries it once"
+    assert steps["login"]["status"] == "skip"
+    assert _logins(env) == []
+
+    proc = _cli(env, *args, "--force")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+    assert steps["token"]["status"] == "warn"
+    assert steps["login"]["status"] == "ok"
+    assert "mtls_engine: warning: token 'shimcard'" in proc.stderr and "final PIN try" in proc.stderr
+    assert len(_logins(env)) == 1
+    assert PIN not in proc.stdout + proc.stderr
+
+
+def test_check_reports_a_pinpad_login(card: ShimCard, tmp_path: Path) -> None:
+    env = card.env(tmp_path, token_flags=["pinpad"], pinpad_pin=PIN)
+    proc = _cli(env, "check", "--module", env["T_MODULE"], "--key", card.key_uri, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+    assert steps["token"]["facts"]["pinpad"] is True
+    assert steps["login"]["facts"]["method"] == "pinpad"
+    assert all("pin=null" in rest for rest in _logins(env))
