@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from . import _backends, _names
+from . import _backends, _connect, _names
 from ._api import (
     MODULE_ENV,
     can_sign_pss,
@@ -542,19 +542,21 @@ class Checker:
             with socket.create_connection((host, port), timeout=self.timeout) as raw:
                 with ctx.wrap_socket(raw, server_hostname=host) as tls:
                     facts.update(version=tls.version(), cipher=(tls.cipher() or ("",))[0])
-                    peer = tls.getpeercert() or {}
-                    facts["server_subject"] = _peer_subject(peer)
-                    verdict = _server_verdict(tls)
+                    facts["server_subject"] = _peer_subject(tls.getpeercert() or {})
+                    # In TLS 1.3 the server judges the client's certificate
+                    # after the client's last flight: a refusal is an alert
+                    # waiting at the first read.  Silence means accepted.
+                    late = _connect.drain(tls, 1.0) if tls.version() == "TLSv1.3" else None
+                    alert = _connect.alert_of(late, None) if isinstance(late, ssl.SSLError) else None
         except ssl.SSLCertVerificationError as exc:
-            st.fail(
-                f"the server's certificate was not accepted: {exc.verify_message}",
-                "pass --cafile with the CA that issued the server's certificate, and connect by the "
-                "host name in that certificate",
-                **facts,
-            )
+            st.fail(*_connect.server_not_trusted(exc, host, self.cafile), **facts)
             return
         except ssl.SSLError as exc:
-            st.fail(f"the handshake failed: {_alert_text(exc)}", _alert_hint(exc, self.leaf), **facts)
+            alert = _connect.alert_of(exc, None)
+            if alert is None:
+                st.fail(f"the handshake failed: {exc}", "see the OpenSSL reason above", **facts)
+            else:
+                st.fail(*self._alert(alert, after_handshake=False), alert=alert, **facts)
             return
         except OSError as exc:
             st.fail(
@@ -563,9 +565,8 @@ class Checker:
                 **facts,
             )
             return
-        if verdict is not None:
-            st.fail(f"the server refused the card's certificate: {_alert_text(verdict)}",
-                    _alert_hint(verdict, self.leaf), accepted=False, **facts)  # fmt: skip
+        if alert is not None and alert != "close_notify":
+            st.fail(*self._alert(alert, after_handshake=True), alert=alert, accepted=False, **facts)
             return
         facts["accepted"] = True
         st.ok(
@@ -573,61 +574,17 @@ class Checker:
             **facts,
         )
 
-
-def _server_verdict(tls: ssl.SSLSocket) -> ssl.SSLError | None:
-    """In TLS 1.3 the server checks the client's certificate after the
-    client has finished its handshake, and a refusal arrives as an alert at
-    the first read.  Wait briefly for one: silence (the server waits for a
-    request) or data means accepted."""
-    if tls.version() != "TLSv1.3":
-        return None
-    tls.settimeout(1.0)
-    try:
-        tls.recv(1)
-    except ssl.SSLError as exc:
-        if "alert" in str(exc).lower():
-            return exc
-    except (socket.timeout, OSError):
-        pass
-    return None
-
-
-_ALERT_HINTS = {
-    "unknown_ca": "the server does not trust the CA that issued the card's certificate (issuer {issuer}); "
-    "ask its operator to add that CA to the trusted client CAs",
-    "bad_certificate": "the server rejected the card's certificate (often: issuer {issuer} not trusted, "
-    "or no clientAuth usage)",
-    "certificate_expired": "the server considers the card's certificate expired; have a new one issued",
-    "certificate_revoked": "the server's CRL lists the card's certificate as revoked",
-    "certificate_required": "the server wanted a client certificate and got none",
-    "decrypt_error": "the server could not verify the card's signature (CertificateVerify)",
-    "handshake_failure": "no signature algorithm or cipher both sides accept (a card without RSA-PSS "
-    "cannot do TLS 1.3)",
-    "protocol_version": "no TLS version both sides accept (a card without RSA-PSS is capped at TLS 1.2)",
-    "access_denied": "the server refused this identity after checking it (its access rules)",
-}
-
-
-def alert_name(exc: ssl.SSLError) -> str | None:
-    """The TLS alert an SSLError reports, as an RFC 8446 name, or None."""
-    reason = (exc.reason or str(exc)).lower()
-    for name in _ALERT_HINTS:
-        if name.replace("_", "") in reason.replace("_", "").replace(" ", ""):
-            return name
-    return None
-
-
-def _alert_text(exc: ssl.SSLError) -> str:
-    name = alert_name(exc)
-    return f"alert {name} ({exc.reason})" if name else str(exc.reason or exc)
-
-
-def _alert_hint(exc: ssl.SSLError, leaf: x509.Certificate | None) -> str:
-    name = alert_name(exc)
-    issuer = leaf.issuer.rfc4514_string() if leaf is not None else "?"
-    if name is None:
-        return "see the OpenSSL reason; 'mtls_engine connect --trace' shows where the handshake stopped"
-    return _ALERT_HINTS[name].format(issuer=issuer)
+    def _alert(self, alert: str, *, after_handshake: bool) -> tuple[str, str]:
+        """connect's reading of the alert, plus what the check knows of this card."""
+        what, hint = _connect.alert_failure(alert, after_handshake=after_handshake)
+        if alert in ("unknown_ca", "bad_certificate") and self.leaf is not None:
+            hint += f"; the card's certificate was issued by {self.leaf.issuer.rfc4514_string()}"
+        mech = next((s for s in self.steps if s.id == "mechanisms"), None)
+        if alert in ("protocol_version", "handshake_failure") and mech and mech.facts.get("tls13") is False:
+            hint += (
+                "; this card cannot sign RSA-PSS, so it is capped at TLS 1.2: a TLS-1.3-only server cannot accept it"
+            )
+        return what, hint
 
 
 def _peer_subject(peer: dict[str, Any]) -> str:

@@ -110,9 +110,12 @@ class TokenStore:
         return proc.stdout
 
     def init_token(self, label: str, pin: str = DEMO_PIN, so_pin: str = DEMO_SO_PIN) -> Token:
-        # softhsm2-util takes PINs only as arguments or at a terminal prompt;
-        # these are the public demo/test PINs of a throwaway token.
-        self._run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin])
+        # softhsm2-util takes PINs as arguments or at a terminal prompt: the
+        # prompt, so that no PIN is ever in a process's argument list.
+        env = {**os.environ, **self.env}
+        code, out = _run_with_tty_pin(["softhsm2-util", "--init-token", "--free", "--label", label], pin, env, so_pin)
+        if code != 0:
+            raise RuntimeError(f"softhsm2-util --init-token failed: {out.strip()}")
         out = self._run(["softhsm2-util", "--show-slots"])
         serial = ""
         for block in out.split("\n\n"):
@@ -126,8 +129,8 @@ class TokenStore:
 class Token:
     store: TokenStore
     label: str
-    pin: str
-    serial: str
+    pin: str = field(repr=False)
+    serial: str = ""
     keys: dict[str, bytes] = field(default_factory=dict)
 
     def uri(self, **attrs: str) -> str:
@@ -185,9 +188,10 @@ class Token:
         )  # fmt: skip
 
 
-def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run a tool that insists on reading the PIN from a terminal, answering
-    its prompt through a pseudo-terminal (never through argv)."""
+def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str], so_pin: str | None = None) -> tuple[int, str]:
+    """Run a tool that insists on reading PINs from a terminal, answering
+    each of its PIN prompts through a pseudo-terminal (never through argv):
+    ``so_pin`` for a prompt naming the SO PIN, else ``pin``."""
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - child
         try:
@@ -195,7 +199,7 @@ def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str]) -> tuple[i
         finally:
             os._exit(127)
     out = b""
-    sent = False
+    answered = 0  # the output up to here has had its prompt answered
     try:
         while True:
             ready, _, _ = select.select([fd], [], [], 60)
@@ -208,14 +212,18 @@ def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str]) -> tuple[i
             if not chunk:
                 break
             out += chunk
-            if not sent and b"PIN" in out:
+            # A prompt is an unfinished last line naming a PIN and ending in ":".
+            start = out.rfind(b"\n") + 1
+            tail = out[start:]
+            if start >= answered and b"PIN" in tail and tail.rstrip().endswith(b":"):
+                answered = len(out)
                 # The tool turns echo off with TCSAFLUSH, which discards
                 # input typed before it: wait for echo to go off first.
                 deadline = time.monotonic() + 10
                 while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
                     time.sleep(0.01)
-                os.write(fd, pin.encode() + b"\n")
-                sent = True
+                secret = so_pin if so_pin is not None and b"SO PIN" in tail else pin
+                os.write(fd, secret.encode() + b"\n")
     finally:
         os.close(fd)
         _, status = os.waitpid(pid, 0)

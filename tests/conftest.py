@@ -6,16 +6,55 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import mtls_engine
 from mtls_engine import _softhsm
 from mtls_engine._backends import BACKENDS, STATUS
 from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The user PIN of the test tokens: distinctive, so that a scan for it in
+# captured output cannot hit anything else (the demo PIN 00000000 would
+# match every "0x00000000").
+TEST_PIN = "73915284"
+
+
+_PIN_IN_ERRORS: list[str] = []
+
+
+def _checked_error_init(self: Exception, *args: object) -> None:
+    """Every mtls_engine.Error made in this process is checked for the PIN,
+    including those a test expects and catches."""
+    if any(TEST_PIN in str(a) for a in args):
+        _PIN_IN_ERRORS.append(type(self).__name__)
+    Exception.__init__(self, *args)
+
+
+mtls_engine.Error.__init__ = _checked_error_init  # type: ignore[method-assign,assignment]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """No test may let the PIN reach captured stdout, stderr, log records
+    or the message of any mtls_engine error."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call":
+        return
+    leaks = [f"a {cls} message" for cls in _PIN_IN_ERRORS]
+    _PIN_IN_ERRORS.clear()
+    for name, text in (("stdout", report.capstdout), ("stderr", report.capstderr), ("log", report.caplog)):
+        if TEST_PIN in text:
+            leaks.append(f"captured {name}")
+    if leaks and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"the test PIN appeared in: {', '.join(leaks)}"
 
 
 def need(condition: bool, reason: str) -> None:
@@ -106,7 +145,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     other_ca_file.write_bytes(other.pem)
     server_cert, server_key = ca.issue_server_files(work, "localhost")
 
-    card1 = store.init_token("card1")
+    card1 = store.init_token("card1", pin=TEST_PIN)
     rsa_cert_file = work / "card1-rsa.pem"
     for spec in CARD_KEYS.values():
         pub = card1.generate_key(spec.kind, spec.label, spec.key_id)
@@ -128,8 +167,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
     # Tokens for PIN tests (login state is per process and token) and for
     # URIs that match more than one token.
-    pintest = store.init_token("pintest")
-    card2 = store.init_token("card2")
+    pintest = store.init_token("pintest", pin=TEST_PIN)
+    card2 = store.init_token("card2", pin=TEST_PIN)
     for tok in (pintest, card2):
         pub = tok.generate_key(KeyKind.P256, "ec256", "02")
         tok.store_certificate(ca.issue(pub, f"card-holder {tok.label}"), "ec256", "02", work)
