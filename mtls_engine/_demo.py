@@ -125,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         done += 1
     if not done:
         return 1
-    return 0
+    # The diagnostic a user runs on their own card, here on the demo token.
+    from mtls_engine._cli import main as cli
+
+    os.environ["MTLS_DEMO_PIN"] = DEMO_PIN
+    command = ["check", "--module", state["module"], "--key", state["key"], "--pin-source", "env:MTLS_DEMO_PIN"]
+    print(f"\n$ python -m mtls_engine {' '.join(command)}")
+    return cli(command)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_demo_handshakes_through_each_backend(tmp_path: Path) -> None:
     missing = _softhsm.missing_tools()
     need(not missing, f"the demo needs: {', '.join(missing)}")
     code = f"import sys; from mtls_engine._demo import main; sys.exit(main(['--dir', {str(tmp_path / 'demo')!r}]))"
-    proc = run_python(code)  # the demo points SOFTHSM2_CONF at its own token store
+    proc = run_python(code, {"PYTHONIOENCODING": "utf-8"})  # the demo uses a token store of its own
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "making a SoftHSM2 demo token" in out
@@ -28,3 +28,8 @@ def test_demo_handshakes_through_each_backend(tmp_path: Path) -> None:
         else:
             assert f"[{backend}] skipped: {why}" in out
     assert (tmp_path / "demo" / "softhsm" / "softhsm2.conf").exists()
+    # then the diagnostic, on the demo token, passes every step it runs
+    assert "$ python -m mtls_engine check --module " in out
+    assert "✓ test signature" in out and "✓ login" in out
+    assert out.rstrip().endswith("all checks passed")
+    assert _softhsm.DEMO_PIN not in out.replace("0x00000000", "")
