@@ -105,8 +105,10 @@ class _TLSServer(http.server.ThreadingHTTPServer):
 
 
 @contextmanager
-def https_server(ctx: ssl.SSLContext) -> Iterator[int]:
-    httpd = _TLSServer(("127.0.0.1", 0), _Handler)
+def https_server(ctx: ssl.SSLContext, handler: type[http.server.BaseHTTPRequestHandler] = _Handler) -> Iterator[int]:
+    """A threaded HTTPS server on loopback (port yielded); by default it
+    answers JSON naming the client certificate's subject."""
+    httpd = _TLSServer(("127.0.0.1", 0), handler)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()

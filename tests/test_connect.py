@@ -7,12 +7,9 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ from mtls_engine._softhsm import KeyKind
 
 from .conftest import Pki
 from .helpers import ROOT
-from .servers import _TLSServer, https_server, server_context
+from .servers import https_server, server_context
 
 CLIENT_SUBJECT = "CN=card-holder ec256"
 CV_NOTE = "signed on the card (key 'ec256', id 02)"
@@ -237,22 +234,8 @@ class _Status(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def not_found_server(ctx: ssl.SSLContext) -> Iterator[int]:
-    httpd = _TLSServer(("127.0.0.1", 0), _Status)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        t.join(5)
-
-
 def test_http_error_status(pki: Pki, pin_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with not_found_server(server_context(pki.server_cert, pki.server_key, pki.ca_file)) as port:
+    with https_server(server_context(pki.server_cert, pki.server_key, pki.ca_file), _Status) as port:
         code, out, err = connect(pki, capsys, f"https://localhost:{port}/missing", "--cafile", str(pki.ca_file),
                                  "--pin-source", f"file:{pin_file}")  # fmt: skip
         assert code == 1
