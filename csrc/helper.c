@@ -8,10 +8,15 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <openssl/opensslv.h>
 #include <openssl/ssl.h>
 #include <openssl/ui.h>
+#include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
 
 /* MTLS_ENGINE_DISABLE_ENGINE (a build flag) compiles the extension as if
    OpenSSL had no ENGINE API, to prove that guard on any OpenSSL. */
@@ -365,4 +370,322 @@ static int mtls_test_sign(EVP_PKEY *pkey, const char *mdname, int pss, const uns
 done:
     EVP_MD_CTX_free(mctx);
     return ok;
+}
+
+/* ---- peer checks: why a client was refused, access rules, CRLs -------- */
+
+/* What the verify callback learnt about one connection's peer: the first
+   verification error (code, depth, that certificate) and the leaf.  Kept in
+   the SSL's ex_data, read by the info callback when the server sends its
+   fatal alert, and by Python (mtls_py_rejected). */
+struct mtls_peer_record {
+    int verify_error;
+    int depth;
+    int rule_done;
+    int alerted;
+    char subject[512];
+    char issuer[512];
+    char serial[96];
+    char leaf_subject[512];
+    char leaf_issuer[512];
+    char leaf_serial[96];
+};
+
+/* Per SSL_CTX: the Python-side id of its hooks, and what was there before. */
+struct mtls_ctx_hooks {
+    long id;
+    int has_rule;
+    int (*previous)(int, X509_STORE_CTX *);
+};
+
+/* Per X509_STORE: the CRLs mtls_engine serves (replaced as a whole on reload). */
+struct mtls_crlset {
+    CRYPTO_RWLOCK *lock;
+    STACK_OF(X509_CRL) *crls;
+};
+
+static int mtls_ssl_idx = -1, mtls_ctx_idx = -1, mtls_store_idx = -1;
+static CRYPTO_ONCE mtls_idx_once = CRYPTO_ONCE_STATIC_INIT;
+
+static void mtls_free_plain(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    OPENSSL_free(ptr);
+}
+
+static void mtls_free_crlset(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    struct mtls_crlset *set = ptr;
+    (void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+    if (set == NULL)
+        return;
+    sk_X509_CRL_pop_free(set->crls, X509_CRL_free);
+    CRYPTO_THREAD_lock_free(set->lock);
+    OPENSSL_free(set);
+}
+
+static void mtls_make_indexes(void)
+{
+    mtls_ssl_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, mtls_free_plain);
+    mtls_ctx_idx = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, mtls_free_plain);
+    mtls_store_idx = X509_STORE_get_ex_new_index(0, NULL, NULL, NULL, mtls_free_crlset);
+}
+
+static int mtls_indexes(void)
+{
+    return CRYPTO_THREAD_run_once(&mtls_idx_once, mtls_make_indexes) && mtls_ssl_idx >= 0 && mtls_ctx_idx >= 0
+           && mtls_store_idx >= 0;
+}
+
+static void mtls_name(const X509_NAME *name, char *out, size_t size)
+{
+    BIO *bio = BIO_new(BIO_s_mem());
+    int n = 0;
+    out[0] = '\0';
+    if (bio == NULL)
+        return;
+    if (name != NULL && X509_NAME_print_ex(bio, name, 0, XN_FLAG_RFC2253) >= 0)
+        n = BIO_read(bio, out, (int)size - 1);
+    out[n > 0 ? n : 0] = '\0';
+    BIO_free(bio);
+}
+
+static void mtls_serial(X509 *cert, char *out, size_t size)
+{
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+    char *hex = bn != NULL ? BN_bn2hex(bn) : NULL;
+    out[0] = '\0';
+    if (hex != NULL)
+        snprintf(out, size, "%s", hex);
+    OPENSSL_free(hex);
+    BN_free(bn);
+}
+
+static void mtls_describe(X509 *cert, char *subject, char *issuer, char *serial)
+{
+    if (cert == NULL)
+        return;
+    mtls_name(X509_get_subject_name(cert), subject, 512);
+    mtls_name(X509_get_issuer_name(cert), issuer, 512);
+    mtls_serial(cert, serial, 96);
+}
+
+/* Python, called back (cffi extern "Python+C"; the GIL is taken there). */
+int mtls_py_peer_rule(long, const unsigned char *, size_t);
+void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
+
+static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
+{
+    SSL *ssl = X509_STORE_CTX_get_ex_data(st, SSL_get_ex_data_X509_STORE_CTX_idx());
+    struct mtls_ctx_hooks *hooks = ssl != NULL ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx) : NULL;
+    struct mtls_peer_record *rec;
+    X509 *cert = X509_STORE_CTX_get_current_cert(st);
+    int depth = X509_STORE_CTX_get_error_depth(st);
+
+    if (hooks == NULL)
+        return ok;
+    if (hooks->previous != NULL)
+        ok = hooks->previous(ok, st);
+    rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
+    if (rec == NULL) {
+        rec = OPENSSL_zalloc(sizeof(*rec));
+        if (rec == NULL || !SSL_set_ex_data(ssl, mtls_ssl_idx, rec)) {
+            OPENSSL_free(rec);
+            return 0; /* fail closed */
+        }
+    }
+    if (!ok) {
+        if (rec->verify_error == 0) {
+            STACK_OF(X509) *chain = X509_STORE_CTX_get0_chain(st);
+            rec->verify_error = X509_STORE_CTX_get_error(st);
+            rec->depth = depth;
+            mtls_describe(cert, rec->subject, rec->issuer, rec->serial);
+            /* the client's own certificate, whatever level failed */
+            if (chain != NULL && sk_X509_num(chain) > 0)
+                mtls_describe(sk_X509_value(chain, 0), rec->leaf_subject, rec->leaf_issuer, rec->leaf_serial);
+        }
+        return 0;
+    }
+    if (depth == 0 && !rec->rule_done) {
+        rec->rule_done = 1;
+        mtls_describe(cert, rec->leaf_subject, rec->leaf_issuer, rec->leaf_serial);
+        if (hooks->has_rule) {
+            unsigned char *der = NULL;
+            int len = i2d_X509(cert, &der);
+            int allowed = len > 0 && mtls_py_peer_rule(hooks->id, der, (size_t)len);
+            OPENSSL_free(der);
+            if (!allowed) {
+                X509_STORE_CTX_set_error(st, X509_V_ERR_APPLICATION_VERIFICATION);
+                rec->verify_error = X509_V_ERR_APPLICATION_VERIFICATION;
+                rec->depth = 0;
+                mtls_describe(cert, rec->subject, rec->issuer, rec->serial);
+                return 0;
+            }
+        }
+    }
+    return ok;
+}
+
+/* The server is about to send a fatal alert: that is a refusal.  Tell
+   Python once per connection, with what the verify callback saw. */
+static void mtls_info_cb(const SSL *ssl, int where, int ret)
+{
+    struct mtls_ctx_hooks *hooks;
+    struct mtls_peer_record *rec, empty;
+    unsigned long err;
+    int ssl_reason = 0, fd;
+    char peer[INET6_ADDRSTRLEN + 16] = "";
+
+    if (!(where & SSL_CB_WRITE_ALERT) || (ret >> 8) != SSL3_AL_FATAL || !SSL_is_server((SSL *)ssl))
+        return;
+    hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
+    if (hooks == NULL)
+        return;
+    rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
+    if (rec == NULL) {
+        memset(&empty, 0, sizeof(empty));
+        rec = &empty;
+    } else if (rec->alerted) {
+        return;
+    }
+    rec->alerted = 1;
+    err = ERR_peek_last_error();
+    if (ERR_GET_LIB(err) == ERR_LIB_SSL)
+        ssl_reason = ERR_GET_REASON(err);
+    fd = SSL_get_fd(ssl);
+    if (fd >= 0) {
+        struct sockaddr_storage sa;
+        socklen_t salen = sizeof(sa);
+        char host[INET6_ADDRSTRLEN] = "";
+        if (getpeername(fd, (struct sockaddr *)&sa, &salen) == 0) {
+            if (sa.ss_family == AF_INET) {
+                struct sockaddr_in *in = (struct sockaddr_in *)&sa;
+                inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+                snprintf(peer, sizeof(peer), "%s:%u", host, (unsigned)ntohs(in->sin_port));
+            } else if (sa.ss_family == AF_INET6) {
+                struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&sa;
+                inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+                snprintf(peer, sizeof(peer), "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+            }
+        }
+    }
+    mtls_py_rejected(hooks->id, ret & 0xff, ssl_reason, rec, peer);
+}
+
+/* Install the hooks on a context (once).  1 on success. */
+static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int has_rule)
+{
+    struct mtls_ctx_hooks *hooks;
+    if (!mtls_indexes())
+        return 0;
+    hooks = SSL_CTX_get_ex_data(ctx, mtls_ctx_idx);
+    if (hooks == NULL) {
+        hooks = OPENSSL_zalloc(sizeof(*hooks));
+        if (hooks == NULL)
+            return 0;
+        hooks->previous = SSL_CTX_get_verify_callback(ctx);
+        if (!SSL_CTX_set_ex_data(ctx, mtls_ctx_idx, hooks)) {
+            OPENSSL_free(hooks);
+            return 0;
+        }
+        SSL_CTX_set_verify(ctx, SSL_CTX_get_verify_mode(ctx), mtls_verify_cb);
+        SSL_CTX_set_info_callback(ctx, mtls_info_cb);
+    }
+    hooks->id = id;
+    hooks->has_rule = has_rule;
+    return 1;
+}
+
+static int mtls_verify_callback_installed(SSL_CTX *ctx)
+{
+    return SSL_CTX_get_verify_callback(ctx) == mtls_verify_cb;
+}
+
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+static STACK_OF(X509_CRL) *mtls_lookup_crls(const X509_STORE_CTX *ctx, const X509_NAME *name)
+#else
+static STACK_OF(X509_CRL) *mtls_lookup_crls(X509_STORE_CTX *ctx, X509_NAME *name)
+#endif
+{
+    struct mtls_crlset *set = X509_STORE_get_ex_data(X509_STORE_CTX_get0_store(ctx), mtls_store_idx);
+    STACK_OF(X509_CRL) *out = X509_STORE_CTX_get1_crls(ctx, name); /* the store's own, if any */
+    int i;
+    if (set == NULL)
+        return out;
+    if (out == NULL && (out = sk_X509_CRL_new_null()) == NULL)
+        return NULL;
+    if (!CRYPTO_THREAD_read_lock(set->lock))
+        return out;
+    for (i = 0; i < sk_X509_CRL_num(set->crls); i++) {
+        X509_CRL *crl = sk_X509_CRL_value(set->crls, i);
+        if (X509_NAME_cmp(X509_CRL_get_issuer(crl), name) == 0 && X509_CRL_up_ref(crl)) {
+            if (!sk_X509_CRL_push(out, crl))
+                X509_CRL_free(crl);
+        }
+    }
+    CRYPTO_THREAD_unlock(set->lock);
+    return out;
+}
+
+/* Replace the CRLs this context checks against with `n` DER CRLs, at once
+   and for every later verification (connections in progress keep what
+   they looked up).  1 on success. */
+static int mtls_set_crls(SSL_CTX *ctx, const unsigned char **ders, const size_t *lens, int n)
+{
+    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    struct mtls_crlset *set;
+    STACK_OF(X509_CRL) *fresh, *old;
+    int i;
+    if (store == NULL || !mtls_indexes())
+        return 0;
+    fresh = sk_X509_CRL_new_null();
+    if (fresh == NULL)
+        return 0;
+    for (i = 0; i < n; i++) {
+        const unsigned char *p = ders[i];
+        X509_CRL *crl = d2i_X509_CRL(NULL, &p, (long)lens[i]);
+        if (crl == NULL || !sk_X509_CRL_push(fresh, crl)) {
+            X509_CRL_free(crl);
+            sk_X509_CRL_pop_free(fresh, X509_CRL_free);
+            return 0;
+        }
+    }
+    set = X509_STORE_get_ex_data(store, mtls_store_idx);
+    if (set == NULL) {
+        set = OPENSSL_zalloc(sizeof(*set));
+        if (set == NULL || (set->lock = CRYPTO_THREAD_lock_new()) == NULL
+            || !X509_STORE_set_ex_data(store, mtls_store_idx, set)) {
+            if (set != NULL)
+                CRYPTO_THREAD_lock_free(set->lock);
+            OPENSSL_free(set);
+            sk_X509_CRL_pop_free(fresh, X509_CRL_free);
+            return 0;
+        }
+        X509_STORE_set_lookup_crls(store, mtls_lookup_crls);
+    }
+    if (!CRYPTO_THREAD_write_lock(set->lock)) {
+        sk_X509_CRL_pop_free(fresh, X509_CRL_free);
+        return 0;
+    }
+    old = set->crls;
+    set->crls = fresh;
+    CRYPTO_THREAD_unlock(set->lock);
+    sk_X509_CRL_pop_free(old, X509_CRL_free);
+    return 1;
+}
+
+/* Every connection is verified in full: no session cache, no tickets, so a
+   CRL loaded now applies to the very next connection of every client. */
+static void mtls_no_resumption(SSL_CTX *ctx)
+{
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+#if OPENSSL_VERSION_NUMBER >= 0x10101000L
+    SSL_CTX_set_num_tickets(ctx, 0);
+#endif
+}
+
+static long mtls_session_cache_mode(SSL_CTX *ctx)
+{
+    return SSL_CTX_get_session_cache_mode(ctx);
 }

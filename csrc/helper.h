@@ -23,3 +23,24 @@ int mtls_provider_loaded(const char *);
 
 /* check: one signature through the loaded key */
 int mtls_test_sign(EVP_PKEY *, const char *, int, const unsigned char *, size_t, unsigned char *, size_t *);
+
+/* peer checks (server: reasons, rules; both: CRLs) */
+struct mtls_peer_record {
+    int verify_error;
+    int depth;
+    int rule_done;
+    int alerted;
+    char subject[512];
+    char issuer[512];
+    char serial[96];
+    char leaf_subject[512];
+    char leaf_issuer[512];
+    char leaf_serial[96];
+};
+extern "Python+C" int mtls_py_peer_rule(long, const unsigned char *, size_t);
+extern "Python+C" void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
+int mtls_install_peer_hooks(SSL_CTX *, long, int);
+int mtls_verify_callback_installed(SSL_CTX *);
+int mtls_set_crls(SSL_CTX *, const unsigned char **, const size_t *, int);
+void mtls_no_resumption(SSL_CTX *);
+long mtls_session_cache_mode(SSL_CTX *);

@@ -56,3 +56,5 @@ int EVP_PKEY_get_bits(const EVP_PKEY *);
 
 #define OSSL_STORE_INFO_PKEY ...
 int OSSL_PROVIDER_available(OSSL_LIB_CTX *, const char *);
+int SSL_CTX_set1_sigalgs_list(SSL_CTX *, const char *);
+const char *X509_verify_cert_error_string(long);

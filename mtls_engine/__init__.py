@@ -10,6 +10,7 @@ from ._errors import (
     CertificateError,
     CertKeyMismatch,
     ConfigError,
+    CrlError,
     Error,
     InterpreterSslError,
     ModuleLoadError,
@@ -28,6 +29,7 @@ from ._errors import (
 )
 from ._p11 import TokenInfo
 from ._pin import pin_source, prompt_pin
+from ._server import Rejection, load_crls, pin_of, server_context
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,7 @@ __all__ = [
     "CertKeyMismatch",
     "CertificateError",
     "ConfigError",
+    "CrlError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
@@ -51,11 +54,15 @@ __all__ = [
     "PinRequired",
     "PinWarning",
     "Pkcs11Error",
+    "Rejection",
     "TokenInfo",
     "TokenNotFound",
     "UriError",
     "client_context",
     "load_card_key",
+    "load_crls",
+    "pin_of",
     "pin_source",
     "prompt_pin",
+    "server_context",
 ]

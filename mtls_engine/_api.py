@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,7 @@ def load_card_key(
     backend: str = "auto",
     *,
     force: bool = False,
+    server: bool = False,
 ) -> CardKey:
     """Attach the token's private key ``key`` (a ``pkcs11:`` URI) and its
     certificate to ``ctx``; every handshake signature is then made by the
@@ -171,13 +173,15 @@ def load_card_key(
     (e.g. ``pin_source("env:VAR")``), or None (a pinpad reader, a token
     without login, or the URI's ``pin-source``).  mtls_engine does not log
     in to a token whose PIN is locked or on its final try; ``force=True``
-    allows the final try (with a PinWarning).  ``cert``: None for the certificate stored with the key's id, a
+    allows the final try (with a PinWarning).  ``server=True`` for a
+    server's context (the card key then signs the server's handshakes).
+    ``cert``: None for the certificate stored with the key's id, a
     ``pkcs11:`` URI, or a PEM/DER file (extra PEM certificates become the
     chain).  Logs in at most once; raises a subclass of ``mtls_engine.Error``.
     """
     lib.ERR_clear_error()
     try:
-        return _load_card_key(ctx, key, cert, module, pin, backend, force)
+        return _load_card_key(ctx, key, cert, module, pin, backend, force, server)
     finally:
         consume_errors()  # leave nothing for _ssl to misreport later
 
@@ -190,6 +194,7 @@ def _load_card_key(
     pin: PinArg,
     backend: str,
     force: bool,
+    server: bool,
 ) -> CardKey:
     ssl_ctx = ssl_ctx_pointer(ctx)
     key_uri = parse(key, what="key")
@@ -217,7 +222,7 @@ def _load_card_key(
         raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
     if not lib.SSL_CTX_check_private_key(ssl_ctx):
         raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
-    notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj)
+    notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj, server)
     for note in notes:
         log.warning("%s (key %r on %s)", note, key_obj.label, token)
     info = CardKey(
@@ -252,7 +257,9 @@ def can_sign_pss(mod: Module, token: TokenInfo, key: KeyObject) -> bool:
     return (allowed is None or pss in allowed) and pss in mod.mechanisms(token.slot_id)
 
 
-def _adapt_sigalgs(ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenInfo, key: KeyObject) -> list[str]:
+def _adapt_sigalgs(
+    ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenInfo, key: KeyObject, server: bool = False
+) -> list[str]:
     """Many cards cannot do RSA-PSS.  TLS 1.3 requires PSS for RSA, and TLS
     1.2 picks PSS when both sides offer it, so such a key fails every
     handshake with an opaque error.  When the token (or the key's
@@ -262,7 +269,10 @@ def _adapt_sigalgs(ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenI
         return []
     if can_sign_pss(mod, token, key):
         return []
-    if not lib.SSL_CTX_set1_client_sigalgs_list(ssl_ctx, _PKCS1_SIGALGS):
+    # A client signs in CertificateVerify with the client sigalgs; a server
+    # with the general list.
+    restrict = lib.SSL_CTX_set1_sigalgs_list if server else lib.SSL_CTX_set1_client_sigalgs_list
+    if not restrict(ssl_ctx, _PKCS1_SIGALGS):
         raise OpenSSLError("cannot restrict signature algorithms to PKCS#1 v1.5", consume_errors())
     if ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED or ctx.maximum_version > ssl.TLSVersion.TLSv1_2:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -280,11 +290,19 @@ def client_context(
     capath: str | os.PathLike[str] | None = None,
     cadata: str | bytes | None = None,
     force: bool = False,
+    server_pins: Iterable[str] | None = None,
 ) -> ssl.SSLContext:
     """A client ``SSLContext`` that proves itself with the card key and
     verifies the server (chain to ``cafile``/``capath``/``cadata``, or the
-    system's CAs, and host name), TLS 1.2 or newer."""
+    system's CAs, and host name), TLS 1.2 or newer.  ``server_pins``:
+    accept only a server whose public key (``sha256/<base64>``, see
+    ``pin_of``) or certificate (SHA-256 fingerprint, hex) is listed — on top
+    of, never instead of, the chain and host-name checks."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if server_pins is not None:
+        from ._server import pin_server
+
+        pin_server(ctx, server_pins)
     load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend, force=force)
     return ctx

@@ -9,6 +9,7 @@ __all__ = [
     "CertKeyMismatch",
     "CertificateError",
     "ConfigError",
+    "CrlError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
@@ -55,6 +56,11 @@ class UriError(Error, ValueError):
 
 class ConfigError(Error, ValueError):
     """An argument cannot be written into an OpenSSL configuration or URI PEM file."""
+
+
+class CrlError(ConfigError):
+    """A CRL file is missing, unreadable, expired, or not issued and signed
+    by one of the trusted client CAs."""
 
 
 class TokenNotFound(Error):
