@@ -536,7 +536,7 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     int ssl_reason = 0, fd;
     char peer[INET6_ADDRSTRLEN + 16] = "";
 
-    if (!(where & SSL_CB_WRITE_ALERT) || (ret >> 8) != SSL3_AL_FATAL || !SSL_is_server((SSL *)ssl))
+    if (!(where & SSL_CB_ALERT) || !(where & SSL_CB_WRITE) || (ret >> 8) != SSL3_AL_FATAL || !SSL_is_server((SSL *)ssl))
         return;
     hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
     if (hooks == NULL)

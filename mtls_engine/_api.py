@@ -34,6 +34,11 @@ log = logging.getLogger("mtls_engine")
 
 # PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _adapt_sigalgs).
 _PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"
+# What a server with such a key still accepts from clients (OpenSSL's usual set).
+_CLIENT_AUTH_SIGALGS = (
+    b"ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:RSA-PSS+SHA256:RSA-PSS+SHA384:RSA-PSS+SHA512:"
+    b"rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:RSA+SHA256:RSA+SHA384:RSA+SHA512"
+)
 
 
 @dataclass(frozen=True)
@@ -269,10 +274,17 @@ def _adapt_sigalgs(
         return []
     if can_sign_pss(mod, token, key):
         return []
-    # A client signs in CertificateVerify with the client sigalgs; a server
-    # with the general list.
-    restrict = lib.SSL_CTX_set1_sigalgs_list if server else lib.SSL_CTX_set1_client_sigalgs_list
-    if not restrict(ssl_ctx, _PKCS1_SIGALGS):
+    # A client signs its CertificateVerify with the "client sigalgs"; a
+    # server signs with the general list, which OpenSSL also sends in its
+    # CertificateRequest unless a client list is set.  So a server restricts
+    # its own list and keeps offering clients every algorithm.
+    if server:
+        ok = lib.SSL_CTX_set1_sigalgs_list(ssl_ctx, _PKCS1_SIGALGS) and lib.SSL_CTX_set1_client_sigalgs_list(
+            ssl_ctx, _CLIENT_AUTH_SIGALGS
+        )
+    else:
+        ok = lib.SSL_CTX_set1_client_sigalgs_list(ssl_ctx, _PKCS1_SIGALGS)
+    if not ok:
         raise OpenSSLError("cannot restrict signature algorithms to PKCS#1 v1.5", consume_errors())
     if ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED or ctx.maximum_version > ssl.TLSVersion.TLSv1_2:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2

@@ -179,7 +179,7 @@ def _rejection(alert: int, ssl_reason: int, rec: Any, peer: str | None) -> Rejec
         alert=alert,
         subject=_field(rec.leaf_subject),
         issuer=_field(rec.leaf_issuer),
-        serial=serial.lower() if serial else None,
+        serial=f"{int(serial, 16):x}" if serial else None,
         depth=depth,
         failed_subject=_field(rec.subject) if depth else None,
     )

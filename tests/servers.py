@@ -21,6 +21,23 @@ def server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     return ctx
 
 
+def _close_after_refusal(tls: ssl.SSLSocket) -> None:
+    """Close a connection whose handshake this server refused the way a
+    careful server does: after its alert, a FIN, then read what the client
+    still sends until it closes.  Closing at once with unread data makes
+    the kernel send a reset, which can destroy the alert before the client
+    reads it (in TLS 1.3 the client reads it only after its first write)."""
+    try:
+        tls.shutdown(socket.SHUT_WR)
+        tls.settimeout(2)
+        while socket.socket.recv(tls, 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        tls.close()
+
+
 class EchoServer:
     """Accepts TLS connections; answers each with the client certificate's
     subject and the TLS version; remembers what it saw and refused."""
@@ -42,8 +59,15 @@ class EchoServer:
             except OSError:
                 return
             raw.settimeout(10)
+            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
             try:
-                with self.ctx.wrap_socket(raw, server_side=True) as tls:
+                tls.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                self.errors.append(str(exc))
+                _close_after_refusal(tls)
+                continue
+            try:
+                with tls:
                     peer = tls.getpeercert() or {}
                     subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
                     info = {"subject": subject, "version": tls.version() or ""}
@@ -52,7 +76,6 @@ class EchoServer:
                     tls.sendall(json.dumps(info).encode())
             except (ssl.SSLError, OSError) as exc:
                 self.errors.append(str(exc))
-                raw.close()
 
     def close(self) -> None:
         self._stop = True

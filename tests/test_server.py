@@ -1,0 +1,394 @@
+"""The server side: every check of mutual authentication, over real TLS 1.2
+and 1.3 handshakes, asserting what the client sees *and* the reason the
+server gives (``on_reject``)."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+import mtls_engine
+from mtls_engine._context import ssl_ctx_pointer
+from mtls_engine._lib import lib
+from mtls_engine._softhsm import CA, KeyKind
+
+from .conftest import Pki
+from .servers import echo_server, talk
+
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+NOW = datetime.datetime.now(datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+@dataclass
+class World:
+    """A root CA with an intermediate, the server's files, and file-key clients."""
+
+    pki: Pki
+    dir: Path
+    root: CA
+    inter: CA
+    roots_file: Path  # root + intermediate: the server's client CAs
+    good: tuple[Path, Path]
+    via_inter: tuple[Path, Path]
+    stranger: tuple[Path, Path]
+    expired: tuple[Path, Path]
+    future: tuple[Path, Path]
+
+    def crl_file(self, name: str, *pems: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(b"".join(pems))
+        return path
+
+
+@pytest.fixture(scope="module")
+def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> World:
+    d = tmp_path_factory.mktemp("server")
+    root = pki.ca
+    inter = root.issue_ca("mtls_engine test intermediate CA")
+    roots = d / "client-cas.pem"
+    roots.write_bytes(root.pem + inter.pem)
+    other = CA.create("a CA nobody trusts")
+    return World(
+        pki, d, root, inter, roots,
+        good=root.issue_client_files(d, "good client"),
+        via_inter=inter.issue_client_files(d, "intermediate client"),
+        stranger=other.issue_client_files(d, "stranger"),
+        expired=root.issue_client_files(d, "expired client", not_before=NOW - 30 * DAY, not_after=NOW - DAY),
+        future=root.issue_client_files(d, "future client", not_before=NOW + DAY, not_after=NOW + 30 * DAY),
+    )  # fmt: skip
+
+
+def client_ctx(w: World, files: tuple[Path, Path] | None, version: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(w.pki.ca_file))
+    ctx.maximum_version = version
+    if files is not None:
+        ctx.load_cert_chain(str(files[0]), str(files[1]))
+    return ctx
+
+
+def serial_of(files: tuple[Path, Path]) -> str:
+    return f"{x509.load_pem_x509_certificate(files[0].read_bytes()).serial_number:x}"
+
+
+@pytest.fixture
+def rejections() -> list[mtls_engine.Rejection]:
+    return []
+
+
+def server(w: World, rejections: list[mtls_engine.Rejection], **kw: object) -> ssl.SSLContext:
+    return mtls_engine.server_context(
+        w.pki.server_cert,
+        w.pki.server_key,
+        w.roots_file,
+        on_reject=rejections.append,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def attempt(srv: ssl.SSLContext, ctx: ssl.SSLContext) -> dict[str, str] | ssl.SSLError:
+    with echo_server(srv) as s:
+        try:
+            return talk(ctx, s.port)
+        except ssl.SSLError as exc:
+            return exc
+
+
+def refused(result: object, client_sees: str) -> None:
+    assert isinstance(result, ssl.SSLError), result
+    assert client_sees in str(result), str(result)
+
+
+# -- each outcome, both TLS versions -------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_valid_card_client_is_accepted(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion, backend: str
+) -> None:
+    pki = world.pki
+    ctx = mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                     pin=pki.card1.pin, backend=backend)  # fmt: skip
+    ctx.maximum_version = version
+    answer = attempt(server(world, rejections), ctx)
+    assert answer == {"subject": "commonName=card-holder ec256", "version": version.name.replace("v1_", "v1.")}
+    assert rejections == []
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_no_client_certificate(world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion) -> None:
+    result = attempt(server(world, rejections), client_ctx(world, None, version))
+    refused(result, "certificate required" if version is ssl.TLSVersion.TLSv1_3 else "handshake failure")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.serial) == ("no_certificate", None, None)
+    assert r.detail == "the client sent no certificate"
+    assert r.peer is not None and r.peer.startswith("127.0.0.1:")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_unknown_ca(world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion) -> None:
+    result = attempt(server(world, rejections), client_ctx(world, world.stranger, version))
+    refused(result, "unknown ca")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.serial) == ("unknown_ca", "CN=stranger", serial_of(world.stranger))
+    assert r.issuer == "CN=a CA nobody trusts"
+    assert r.detail == "unable to get local issuer certificate"
+    assert str(r).startswith(f"refused client {r.peer} (CN=stranger, serial {r.serial}): unknown_ca")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_expired(world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion) -> None:
+    result = attempt(server(world, rejections), client_ctx(world, world.expired, version))
+    refused(result, "certificate expired")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.serial, r.depth) == ("expired", "CN=expired client", serial_of(world.expired), 0)
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_not_yet_valid(world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion) -> None:
+    result = attempt(server(world, rejections), client_ctx(world, world.future, version))
+    refused(result, "bad certificate")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.detail) == ("not_yet_valid", "CN=future client", "certificate is not yet valid")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_revoked_leaf(world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion) -> None:
+    good_cert = x509.load_pem_x509_certificate(world.good[0].read_bytes())
+    crl = world.crl_file("leaf.crl", world.root.crl([good_cert]))
+    srv = server(world, rejections, crlfile=crl)
+    refused(attempt(srv, client_ctx(world, world.good, version)), "certificate revoked")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.serial, r.depth) == ("revoked", "CN=good client", serial_of(world.good), 0)
+    # a client of the same CA that the CRL does not list still gets in
+    other = world.root.issue_client_files(world.dir, "unrevoked client")
+    answer = attempt(srv, client_ctx(world, other, version))
+    assert isinstance(answer, dict) and answer["subject"] == "commonName=unrevoked client"
+    # a client of a CA without a CRL here cannot be checked: refused
+    refused(attempt(srv, client_ctx(world, world.via_inter, version)), "unknown ca")
+    assert [(r.reason, r.detail) for r in rejections[1:]] == [("crl_error", "unable to get certificate CRL")]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_revoked_intermediate_with_chain_checking(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion
+) -> None:
+    inter_cert = world.inter.cert
+    crls = world.crl_file("chain.crl", world.root.crl([inter_cert]), world.inter.crl())
+    ctx = client_ctx(world, world.via_inter, version)
+    # leaf-only checking does not see the intermediate's revocation ...
+    assert isinstance(attempt(server(world, rejections, crlfile=crls), ctx), dict)
+    assert rejections == []
+    # ... chain checking does, and says which certificate failed
+    refused(attempt(server(world, rejections, crlfile=crls, crl_chain=True), ctx), "certificate revoked")
+    (r,) = rejections
+    assert (r.reason, r.depth, r.failed_subject) == ("revoked", 1, "CN=mtls_engine test intermediate CA")
+    assert (r.subject, r.serial) == ("CN=intermediate client", serial_of(world.via_inter))
+    assert str(r).endswith("; failing certificate at depth 1: CN=mtls_engine test intermediate CA")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_chain_checking_needs_a_crl_for_every_ca(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion
+) -> None:
+    crls = world.crl_file("root-only.crl", world.root.crl())
+    srv = server(world, rejections, crlfile=crls, crl_chain=True)
+    refused(attempt(srv, client_ctx(world, world.via_inter, version)), "")
+    (r,) = rejections
+    assert (r.reason, r.detail) == ("crl_error", "unable to get certificate CRL")
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_crl_reloaded_at_runtime_revokes_on_the_next_connection(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion
+) -> None:
+    crl = world.crl_file(f"reload-{version.name}.crl", world.root.crl())
+    srv = server(world, rejections, crlfile=crl)
+    ctx = client_ctx(world, world.good, version)
+    with echo_server(srv) as s:  # one running server throughout
+        assert talk(ctx, s.port)["subject"] == "commonName=good client"
+        good_cert = x509.load_pem_x509_certificate(world.good[0].read_bytes())
+        crl.write_bytes(world.root.crl([good_cert]))
+        assert mtls_engine.load_crls(srv, crl) == 1
+        with pytest.raises(ssl.SSLError, match="certificate revoked"):
+            talk(ctx, s.port)
+        # and back: a CRL without the entry lets the client in again
+        crl.write_bytes(world.root.crl())
+        mtls_engine.load_crls(srv, crl)
+        assert talk(ctx, s.port)["subject"] == "commonName=good client"
+    assert [r.reason for r in rejections] == ["revoked"]
+
+
+def test_no_resumption_by_default(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    srv = server(world, rejections)
+    assert lib.mtls_session_cache_mode(ssl_ctx_pointer(srv)) == 0  # SSL_SESS_CACHE_OFF
+    assert srv.num_tickets == 0 and srv.options & ssl.OP_NO_TICKET
+    again = server(world, rejections, resumption=True)
+    assert lib.mtls_session_cache_mode(ssl_ctx_pointer(again)) != 0
+
+
+def test_hooks_survive_later_settings(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    srv = server(world, rejections)
+    srv.verify_mode = ssl.CERT_OPTIONAL
+    srv.verify_mode = ssl.CERT_REQUIRED
+    srv.load_verify_locations(str(world.roots_file))
+    assert lib.mtls_verify_callback_installed(ssl_ctx_pointer(srv))
+    refused(attempt(srv, client_ctx(world, world.stranger, ssl.TLSVersion.TLSv1_3)), "unknown ca")
+    assert [r.reason for r in rejections] == ["unknown_ca"]
+
+
+def test_default_reporting_is_a_log_line(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    srv = mtls_engine.server_context(world.pki.server_cert, world.pki.server_key, world.roots_file)
+    with caplog.at_level("WARNING", logger="mtls_engine.server"):
+        refused(attempt(srv, client_ctx(world, world.expired, ssl.TLSVersion.TLSv1_3)), "certificate expired")
+    (record,) = [r for r in caplog.records if r.name == "mtls_engine.server"]
+    assert "(CN=expired client, serial " in record.getMessage() and ": expired — " in record.getMessage()
+
+
+# -- the server's own key on the token ------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_card_server_accepts_card_client(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion, backend: str, tmp_path: Path
+) -> None:
+    pki = world.pki
+    # card2 holds the server's key; its certificate names localhost
+    pub = x509.load_pem_x509_certificate(pki.cert_file(KeyKind.P256, pki.card2).read_bytes()).public_key()
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    server_cert = tmp_path / "card-server.pem"
+    server_cert.write_bytes(
+        pki.ca.issue(pem, "localhost", client=False, dns_names=("localhost",)).public_bytes(serialization.Encoding.PEM)
+    )
+    srv = mtls_engine.server_context(server_cert, pki.key_uri(KeyKind.P256, pki.card2), world.roots_file,
+                                     module=pki.module, pin=pki.card2.pin, backend=backend,
+                                     on_reject=rejections.append)  # fmt: skip
+    ctx = mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                     pin=pki.card1.pin, backend=backend)  # fmt: skip
+    ctx.maximum_version = version
+    answer = attempt(srv, ctx)
+    assert answer == {"subject": "commonName=card-holder ec256", "version": version.name.replace("v1_", "v1.")}
+    assert rejections == []
+
+
+def test_card_server_with_rsa_key_without_pss(
+    world: World, rejections: list[mtls_engine.Rejection], tmp_path: Path
+) -> None:
+    """A server key that cannot sign PSS is restricted like a client's:
+    PKCS#1 v1.5 server signatures, TLS 1.2."""
+    pki = world.pki
+    card_cert = x509.load_pem_x509_certificate((pki.workdir / "card1-nopss-09.pem").read_bytes())
+    pem = card_cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    server_cert = tmp_path / "nopss-server.pem"
+    server_cert.write_bytes(
+        pki.ca.issue(pem, "localhost", client=False, dns_names=("localhost",)).public_bytes(serialization.Encoding.PEM)
+    )
+    srv = mtls_engine.server_context(server_cert, pki.card1.uri(object="nopss", type="private"), world.roots_file,
+                                     module=pki.module, pin=pki.card1.pin, on_reject=rejections.append)  # fmt: skip
+    assert srv.maximum_version == ssl.TLSVersion.TLSv1_2
+    answer = attempt(srv, client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3))
+    assert answer == {"subject": "commonName=good client", "version": "TLSv1.2"}
+    assert rejections == []
+
+
+# -- the access rule -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_access_rule_admits_listed_identities_only(
+    world: World, rejections: list[mtls_engine.Rejection], version: ssl.TLSVersion
+) -> None:
+    srv = server(world, rejections, allow=["subject:CN=good client", f"serial:{serial_of(world.via_inter)}"])
+    assert isinstance(attempt(srv, client_ctx(world, world.good, version)), dict)
+    assert isinstance(attempt(srv, client_ctx(world, world.via_inter, version)), dict)
+    other = world.root.issue_client_files(world.dir, "unlisted client")
+    refused(attempt(srv, client_ctx(world, other, version)), "")
+    (r,) = rejections
+    assert (r.reason, r.subject, r.detail) == (
+        "not_allowed", "CN=unlisted client", "the access rule does not admit this certificate"
+    )  # fmt: skip
+
+
+def test_access_rule_callable_and_failing_closed(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    def broken(cert: x509.Certificate) -> bool:
+        raise RuntimeError("rule bug")
+
+    srv = server(world, rejections, allow=broken)
+    refused(attempt(srv, client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3)), "")
+    assert [r.reason for r in rejections] == ["not_allowed"]
+    srv = server(world, rejections, allow=lambda c: c.subject.rfc4514_string() == "CN=good client")
+    assert isinstance(attempt(srv, client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3)), dict)
+
+
+def test_access_rule_errors(world: World) -> None:
+    for allow, message in [
+        ("CN=x", "allow= takes a list of identities"),
+        (["CN=x"], "allow= entry 'CN=x' is not 'kind:value'"),
+        (["serial:xyz"], "the serial must be hexadecimal"),
+        (["ip:1.2.3.4"], "unknown kind 'ip'"),
+    ]:
+        with pytest.raises(mtls_engine.ConfigError, match=message):
+            server(world, [], allow=allow)
+
+
+# -- bad CRLs ---------------------------------------------------------------------
+
+
+def test_crl_problems_are_named(world: World, tmp_path: Path) -> None:
+    stranger_ca = CA.create("not a client CA")
+    cases = [
+        (tmp_path / "missing.crl", None, "cannot read the CRL file .*missing.crl.*No such file"),
+        (tmp_path / "garbage.crl", b"-----BEGIN X509 CRL-----\nnonsense\n-----END X509 CRL-----\n",
+         "holds no readable CRL"),
+        (tmp_path / "expired.crl", world.root.crl(last_update=NOW - 10 * DAY, next_update=NOW - DAY),
+         r"from CN=mtls_engine test CA expired on .* \(its nextUpdate\); fetch a current CRL"),
+        (tmp_path / "forged.crl", world.root.crl(signer=stranger_ca),
+         "claims to be issued by CN=mtls_engine test CA but is not signed by that CA's key"),
+        (tmp_path / "foreign.crl", stranger_ca.crl(),
+         "issued by CN=not a client CA, which is not one of the trusted client CAs"),
+    ]  # fmt: skip
+    for path, data, message in cases:
+        if data is not None:
+            path.write_bytes(data)
+        with pytest.raises(mtls_engine.CrlError, match=message):
+            server(world, [], crlfile=path)
+    # a failed reload keeps the CRLs in force
+    good = world.crl_file("fine.crl", world.root.crl())
+    srv = server(world, [], crlfile=good)
+    with pytest.raises(mtls_engine.CrlError):
+        mtls_engine.load_crls(srv, tmp_path / "forged.crl")
+    assert srv.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+
+
+# -- the client side: pinning the server ---------------------------------------------
+
+
+def test_server_pinning(world: World, tmp_path: Path) -> None:
+    pki = world.pki
+    srv = server(world, [])
+    right = mtls_engine.pin_of(pki.server_cert)
+    assert right.startswith("sha256/") and len(right) == 7 + 44
+    ok = mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                    pin=pki.card1.pin, server_pins=[right])  # fmt: skip
+    assert isinstance(attempt(srv, ok), dict)
+    fingerprint = x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).fingerprint(hashes.SHA256())
+    by_cert = mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                         pin=pki.card1.pin, server_pins=[fingerprint.hex(":")])  # fmt: skip
+    assert isinstance(attempt(srv, by_cert), dict)
+    other_pin = mtls_engine.pin_of(pki.cert_file(KeyKind.P256))
+    wrong = mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                       pin=pki.card1.pin, server_pins=[other_pin])  # fmt: skip
+    result = attempt(srv, wrong)
+    assert isinstance(result, ssl.SSLCertVerificationError) and result.verify_code == 50
+    for bad in (["sha256/short"], ["abcd"], []):
+        with pytest.raises(mtls_engine.ConfigError, match="pin"):
+            mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
+                                       pin=pki.card1.pin, server_pins=bad)  # fmt: skip
