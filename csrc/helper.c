@@ -383,6 +383,7 @@ struct mtls_peer_record {
     int depth;
     int rule_done;
     int alerted;
+    int handshake_done;
     char subject[512];
     char issuer[512];
     char serial[96];
@@ -536,16 +537,34 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     int ssl_reason = 0, fd;
     char peer[INET6_ADDRSTRLEN + 16] = "";
 
-    if (!(where & SSL_CB_ALERT) || !(where & SSL_CB_WRITE) || (ret >> 8) != SSL3_AL_FATAL || !SSL_is_server((SSL *)ssl))
+    if (!SSL_is_server((SSL *)ssl))
         return;
     hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
     if (hooks == NULL)
         return;
     rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
+    if (where & SSL_CB_HANDSHAKE_DONE) {
+        if (rec == NULL && (rec = OPENSSL_zalloc(sizeof(*rec))) != NULL
+            && !SSL_set_ex_data((SSL *)ssl, mtls_ssl_idx, rec)) {
+            OPENSSL_free(rec);
+            rec = NULL;
+        }
+        if (rec != NULL)
+            rec->handshake_done = 1;
+        return;
+    }
+    if (!(where & SSL_CB_ALERT) || !(where & SSL_CB_WRITE) || (ret >> 8) != SSL3_AL_FATAL)
+        return;
+    /* A refusal happens during a handshake that got past the ClientHello:
+       not after it (a served client hanging up without close_notify makes
+       OpenSSL 3 send decode_error), not before it (a port check, plain
+       HTTP on the TLS port). */
+    if (SSL_get_state(ssl) == TLS_ST_BEFORE)
+        return;
     if (rec == NULL) {
         memset(&empty, 0, sizeof(empty));
         rec = &empty;
-    } else if (rec->alerted) {
+    } else if (rec->alerted || rec->handshake_done) {
         return;
     }
     rec->alerted = 1;

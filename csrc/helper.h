@@ -30,6 +30,7 @@ struct mtls_peer_record {
     int depth;
     int rule_done;
     int alerted;
+    int handshake_done;
     char subject[512];
     char issuer[512];
     char serial[96];

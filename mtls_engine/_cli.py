@@ -3,6 +3,7 @@
 check    find out, step by step, whether a card key can do mutual TLS
 list     show slots, tokens, mechanisms and objects of a PKCS#11 module
 connect  an HTTPS GET with the card key (--trace shows the handshake)
+serve    an HTTPS server that checks client cards and says why it refuses
 config   write an openssl.cnf that makes stock clients use a card key
 uri-pem  write a PKCS#11 PROVIDER URI key file for a pkcs11: URI
 """
@@ -15,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from . import _backends, _check, _connect, _listing
+from . import _backends, _check, _connect, _listing, _serve
 from ._api import MODULE_ENV
 from ._cliutil import module_arg, write_output
 from ._config import openssl_cnf
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _check.register(sub)
     _listing.register(sub)
     _connect.register(sub)
+    _serve.register(sub)
 
     p = sub.add_parser("config", help="write an openssl.cnf that makes stock clients use a card key")
     p.add_argument("--module", help=f"the card's PKCS#11 module (default: ${MODULE_ENV})")

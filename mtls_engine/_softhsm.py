@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import enum
 import ipaddress
+import itertools
 import os
 import pty
 import re
@@ -21,6 +22,7 @@ import subprocess
 import sysconfig
 import termios
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,30 +239,104 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _ca_certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer: CA | None) -> x509.Certificate:
+    """A root CA certificate (``issuer`` None: self-signed, no path length
+    limit) or an intermediate one signed by ``issuer`` (path length 0)."""
+    signer = issuer.key if issuer is not None else key
+    usage = x509.KeyUsage(
+        digital_signature=issuer is not None, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(issuer.cert.subject if issuer is not None else _name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(days=1))
+        .not_valid_after(_now() + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 0), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key())
+        builder = builder.add_extension(aki, critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+        f.write(data)
+
+
 @dataclass
 class CA:
+    """A test certificate authority: a root (``create``) or an intermediate
+    (``issue_ca``), with an EC P-256 key held in memory."""
+
     name: str
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
+    _crl_numbers: Iterator[int] = field(
+        default_factory=lambda: itertools.count(1), init=False, repr=False, compare=False
+    )
 
     @classmethod
     def create(cls, name: str) -> CA:
+        """A self-signed root: CA:TRUE, keyCertSign and cRLSign (critical),
+        subject key identifier."""
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - datetime.timedelta(days=1))
-            .not_valid_after(_now() + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
+        return cls(name, key, _ca_certificate(name, key, None))
+
+    def issue_ca(self, name: str) -> CA:
+        """An intermediate CA signed by this one: CA:TRUE with path length 0,
+        keyCertSign, cRLSign and digitalSignature (critical), subject and
+        authority key identifiers."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        return CA(name, key, _ca_certificate(name, key, self))
+
+    @property
+    def is_root(self) -> bool:
+        return self.cert.issuer == self.cert.subject
+
+    def crl(
+        self,
+        revoked: Iterable[x509.Certificate | int] = (),
+        *,
+        last_update: datetime.datetime | None = None,
+        next_update: datetime.datetime | None = None,
+        signer: CA | None = None,
+    ) -> bytes:
+        """A PEM CRL in this CA's name listing ``revoked`` (certificates or
+        serial numbers), with an authority key identifier and a CRL number
+        that grows with each call.  ``signer`` signs it instead of this CA
+        (a CRL that claims this issuer but whose signature does not verify).
+        By default it was issued a minute ago and is due in 7 days."""
+        last = last_update or _now() - datetime.timedelta(minutes=1)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(last)
+            .next_update(next_update or _now() + datetime.timedelta(days=7))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(x509.CRLNumber(next(self._crl_numbers)), critical=False)
         )
-        return cls(name, key, cert)
+        for item in revoked:
+            serial = item.serial_number if isinstance(item, x509.Certificate) else item
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(last).build()
+            )
+        crl = builder.sign((signer or self).key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM)
 
     @property
     def pem(self) -> bytes:
@@ -280,7 +356,7 @@ class CA:
         eku = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(_name(common_name))
             .issuer_name(self.cert.subject)
             .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(x509.random_serial_number())
@@ -308,9 +384,33 @@ class CA:
         cert_path = directory / f"server-{host}.pem"
         key_path = directory / f"server-{host}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        key_path.write_bytes(_pkcs8(key))
         return cert_path, key_path
+
+    def issue_client_files(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        chain: bool = True,
+    ) -> tuple[Path, Path]:
+        """A file-based client: an EC P-256 key and a clientAuth certificate
+        for ``name`` issued by this CA, as ``<name>.pem`` (the certificate,
+        then this CA's when it is an intermediate and ``chain``) and
+        ``<name>.key`` (PKCS#8, 0600).  Returns (certificate, key) paths."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        cert = self.issue(pub, name, client=True, not_before=not_before, not_after=not_after)
+        cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        cert_path.write_bytes(pem + self.pem if chain and not self.is_root else pem)
+        _write_private(key_path, _pkcs8(key))
+        return cert_path, key_path
+
+
+def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )

@@ -392,3 +392,26 @@ def test_server_pinning(world: World, tmp_path: Path) -> None:
         with pytest.raises(mtls_engine.ConfigError, match="pin"):
             mtls_engine.client_context(pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module,
                                        pin=pki.card1.pin, server_pins=bad)  # fmt: skip
+
+
+def test_only_refusals_are_reported(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    """A port check, plain HTTP on the TLS port, and a served client that
+    hangs up without close_notify (OpenSSL 3 then sends decode_error) are
+    not refusals of a client certificate."""
+    import socket
+
+    srv = server(world, rejections)
+    with echo_server(srv) as s:
+        socket.create_connection(("127.0.0.1", s.port)).close()
+        with socket.create_connection(("127.0.0.1", s.port)) as plain:
+            plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            plain.recv(100)
+        ctx = client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3)
+        raw = socket.create_connection(("127.0.0.1", s.port))
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"hello")
+        assert b"good client" in tls.recv(4096)
+        socket.socket.shutdown(tls, socket.SHUT_RDWR)  # no close_notify
+        tls.close()
+        refused(attempt(srv, client_ctx(world, None, ssl.TLSVersion.TLSv1_3)), "certificate required")
+    assert [r.reason for r in rejections] == ["no_certificate"]

@@ -35,6 +35,7 @@ FINAL_TRY = lib.CKF_USER_PIN_FINAL_TRY
 LOCKED = lib.CKF_USER_PIN_LOCKED
 PINPAD = lib.CKF_PROTECTED_AUTHENTICATION_PATH
 PIN_STATE = COUNT_LOW | FINAL_TRY | LOCKED
+KEY_HANDLE_INVALID = 0x60  # CKR_KEY_HANDLE_INVALID (not in the binding)
 
 
 @dataclass
@@ -66,6 +67,7 @@ def card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> ShimCard:
     token = store.init_token("shimcard", pin=PIN)
     pub = token.generate_key(KeyKind.P256, "ec256", "02")
     token.store_certificate(pki.ca.issue(pub, "card-holder shimcard"), "ec256", "02", work)
+    token.generate_key(KeyKind.P256, "other", "03")  # signs in place of ec256 with sign_with="other"
     return ShimCard(shim, store, token)
 
 
@@ -333,6 +335,93 @@ def test_slow_card_signs_concurrently(card: ShimCard, pki: Pki, tmp_path: Path, 
     assert out["subjects"] == ["commonName=card-holder shimcard"] * 4
     assert p11shim.signatures(env["MTLS_SHIM_LOG"]) == 4
     assert out["seconds"] >= 0.3, out  # the delay was applied
+
+
+SWAP_SCRIPT = """
+import json, os, re, socket, ssl
+import mtls_engine
+from tests.servers import echo_server
+
+E = os.environ
+bare = lambda text: re.sub(r" \\(_ssl\\.c:\\d+\\)$", "", str(text))  # no CPython source line
+out = {}
+for version in ("TLSv1_3", "TLSv1_2"):
+    ctx = ssl.create_default_context(cafile=E["T_CA"])
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion[version]
+    mtls_engine.load_card_key(ctx, E["T_URI"], module=E["T_MODULE"], pin=E["T_PIN"], backend=E["T_BACKEND"])
+    result = out[version] = {"stage": "handshake"}
+    refusals = []  # what mtls_engine's server context says about each refused client
+    server = mtls_engine.server_context(E["T_SCERT"], E["T_SKEY"], E["T_CA"], on_reject=refusals.append)
+    with echo_server(server) as srv:
+        try:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    result["stage"] = "read"
+                    result["stage"] = "write"
+                    tls.sendall(b"hello")
+                    result["stage"] = "read"
+                    result["answer"] = json.loads(tls.recv(4096))
+        except (ssl.SSLError, OSError) as exc:
+            result.update(error=type(exc).__name__, reason=getattr(exc, "reason", None), text=bare(exc))
+    result["server"] = [bare(e) for e in srv.errors]
+    result["reasons"] = [[r.reason, r.subject, r.detail] for r in refusals]
+print(json.dumps(out))
+"""
+
+
+def _swap(card: ShimCard, pki: Pki, env: dict[str, str], backend: str) -> tuple[dict[str, Any], str]:
+    env = {**env, "T_URI": card.key_uri, "T_CA": str(pki.ca_file), "T_PIN": PIN, "T_BACKEND": backend,
+           "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)}  # fmt: skip
+    proc = run_python(SWAP_SCRIPT, env)
+    return _last_json(proc), proc.stderr
+
+
+def _sign_inits(env: dict[str, str]) -> list[tuple[int, str]]:
+    return [(rv, rest) for name, rv, rest in _log(env) if name == "C_SignInit"]
+
+
+def test_signing_with_another_key_fails_the_certificate_verify(
+    card: ShimCard, pki: Pki, tmp_path: Path, backend: str
+) -> None:
+    """A client whose certificate's key is not the key that signs (the shim
+    swaps it for "other"): OpenSSL on the client sees nothing wrong, the
+    server checks the CertificateVerify signature, refuses it (bad
+    signature) and sends alert decrypt_error (51)."""
+    env = card.env(tmp_path / "honest")
+    out, _ = _swap(card, pki, env, backend)
+    for version, tls in (("TLSv1_3", "TLSv1.3"), ("TLSv1_2", "TLSv1.2")):
+        assert out[version]["answer"] == {"subject": "commonName=card-holder shimcard", "version": tls}
+        assert out[version]["server"] == [] and out[version]["reasons"] == []
+    assert [rest for _, rest in _sign_inits(env)] == ["mech=0x00001041"] * 2  # CKM_ECDSA, unswapped
+
+    env = card.env(tmp_path / "swapped", sign_with="other")
+    out, _ = _swap(card, pki, env, backend)
+    # TLS 1.2: the server's alert answers the client's Finished within the
+    # handshake.  TLS 1.3: the client's handshake ends when it has sent its
+    # Finished; the alert shows at the first read after it.
+    for version, stage in (("TLSv1_3", "read"), ("TLSv1_2", "handshake")):
+        assert out[version] == {
+            "stage": stage, "error": "SSLError", "reason": "TLSV1_ALERT_DECRYPT_ERROR",
+            "text": "[SSL: TLSV1_ALERT_DECRYPT_ERROR] tlsv1 alert decrypt error",
+            "server": ["[SSL: BAD_SIGNATURE] bad signature"],
+            "reasons": [["bad_signature", "CN=card-holder shimcard",
+                         "the client's handshake signature does not verify with its certificate's key"]],
+        }, out  # fmt: skip
+    assert _sign_inits(env) == [(lib.CKR_OK, "mech=0x00001041 swapped=yes sign_with=other")] * 2
+    assert p11shim.signatures(env["MTLS_SHIM_LOG"]) == 2
+
+
+def test_sign_with_an_unknown_label_refuses_to_sign(card: ShimCard, pki: Pki, tmp_path: Path, backend: str) -> None:
+    env = card.env(tmp_path, sign_with="nosuch")
+    out, stderr = _swap(card, pki, env, backend)
+    for version in ("TLSv1_3", "TLSv1_2"):
+        assert out[version]["stage"] == "handshake" and out[version]["text"] == "[SSL] EVP lib", out
+        assert out[version]["server"] == ["[SSL: TLSV1_ALERT_INTERNAL_ERROR] tlsv1 alert internal error"]
+        assert out[version]["reasons"] == []  # the client gave up; the server refused nobody
+    inits = _sign_inits(env)
+    assert inits and set(inits) == {(KEY_HANDLE_INVALID, "mech=0x00001041 swapped=no sign_with=nosuch found=0")}
+    assert p11shim.signatures(env["MTLS_SHIM_LOG"]) == 0
+    assert "p11shim: MTLS_SHIM_SIGN_WITH: 0 private keys labelled 'nosuch'" in stderr
 
 
 # ---- the command line on the same tokens ---------------------------------------

@@ -2,8 +2,10 @@
 
 ``shim.c`` forwards every call to a real module (SoftHSM2) and simulates
 what SoftHSM2 lacks: the PIN-state flags (count low, final try, locked), a
-retry counter that persists across processes like a card's, a pinpad reader
-and a slow card; it logs the calls it wraps (never a PIN).  Typical use::
+retry counter that persists across processes like a card's, a pinpad reader,
+a slow card and a client signing with another key than its certificate's
+(``sign_with``: the key with that label signs instead); it logs the calls it
+wraps (never a PIN).  Typical use::
 
     so = p11shim.build()
     env = p11shim.shim_env(softhsm_module, tmp_path, max_tries=3, sign_delay_ms=100)
@@ -80,12 +82,15 @@ def shim_env(
     max_tries: int | None = None,
     pinpad_pin: str | None = None,
     sign_delay_ms: int | None = None,
+    sign_with: str | None = None,
     log: bool = True,
 ) -> dict[str, str]:
     """Environment variables configuring the shim.  Its files live in
     ``state_dir``: ``shim.log`` (``MTLS_SHIM_LOG``), ``pin-failures``
     (``MTLS_SHIM_STATE``, with ``max_tries``) and ``pinpad-pin``
-    (``MTLS_SHIM_PINPAD_PIN_FILE``, written 0600 with ``pinpad_pin``)."""
+    (``MTLS_SHIM_PINPAD_PIN_FILE``, written 0600 with ``pinpad_pin``).
+    ``sign_with`` names (CKA_LABEL) the private key on the same token that
+    makes every signature, in place of the key the caller signs with."""
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flags = list(token_flags)
@@ -106,6 +111,8 @@ def shim_env(
         env["MTLS_SHIM_PINPAD_PIN_FILE"] = str(pin_file)
     if sign_delay_ms is not None:
         env["MTLS_SHIM_SIGN_DELAY_MS"] = str(sign_delay_ms)
+    if sign_with:
+        env["MTLS_SHIM_SIGN_WITH"] = sign_with
     if log:
         env["MTLS_SHIM_LOG"] = str(state / "shim.log")
     return env

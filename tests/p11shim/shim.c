@@ -3,8 +3,9 @@
  * module (SoftHSM2 in the tests) and changes a few, to simulate what SoftHSM2
  * cannot: a PIN retry counter that persists across processes like a card's,
  * the CKF_USER_PIN_COUNT_LOW / FINAL_TRY / LOCKED flags, a pinpad reader
- * (CKF_PROTECTED_AUTHENTICATION_PATH) and a slow card.  It also keeps a log of
- * the calls it wraps, never containing a PIN.
+ * (CKF_PROTECTED_AUTHENTICATION_PATH), a slow card and a client signing with
+ * a key other than its certificate's.  It also keeps a log of the calls it
+ * wraps, never containing a PIN.
  *
  * Configuration (environment, read once, on the first C_GetFunctionList):
  *   MTLS_SHIM_MODULE           real module to forward to (required)
@@ -13,6 +14,10 @@
  *   MTLS_SHIM_STATE=FILE       the failure count (missing file: 0)
  *   MTLS_SHIM_PINPAD_PIN_FILE  the PIN "typed on the reader" of a pinpad token
  *   MTLS_SHIM_SIGN_DELAY_MS    sleep before each C_Sign / C_SignFinal
+ *   MTLS_SHIM_SIGN_WITH=LABEL  C_SignInit signs with the private key labelled
+ *                              LABEL on the session's token, whatever key the
+ *                              caller named (whose public parts, and so its
+ *                              certificate, the caller still believes in)
  *   MTLS_SHIM_LOG=FILE         one line per wrapped call: "NAME rv=0x%08lX ..."
  *
  * The flags and the counter apply to every token of the real module (tests
@@ -51,6 +56,7 @@ static const char *state_path;
 static char lock_path[PATH_MAX];
 static const char *pinpad_pin_path;
 static long sign_delay_ms;
+static const char *sign_with;               /* label of the key that really signs */
 static int log_fd = -1;
 /* Serialises logins in this process (as a card does); flock() on
  * lock_path serialises them across processes sharing the state file. */
@@ -189,6 +195,8 @@ static CK_RV setup_config(void)
             return CKR_GENERAL_ERROR;
         }
     }
+    if ((v = getenv("MTLS_SHIM_SIGN_WITH")) != NULL && *v)
+        sign_with = v;
     if ((v = getenv("MTLS_SHIM_LOG")) != NULL && *v) {
         log_fd = open(v, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
         if (log_fd < 0) {
@@ -390,10 +398,54 @@ static CK_RV shim_FindObjectsInit(CK_SESSION_HANDLE session, CK_ATTRIBUTE_PTR te
     return rv;
 }
 
+/* The private key labelled sign_with, looked up on the caller's session at
+ * each C_SignInit: no state shared between threads, and the session (logged
+ * in, or C_SignInit would fail anyway) sees the token's private objects.
+ * Exactly one key must match. */
+static CK_RV find_sign_with(CK_SESSION_HANDLE session, CK_OBJECT_HANDLE *key, CK_ULONG *found)
+{
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE templ[] = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_LABEL, (void *)sign_with, strlen(sign_with)},
+    };
+    CK_OBJECT_HANDLE handles[2];
+    CK_RV rv = real->C_FindObjectsInit(session, templ, 2);
+
+    *found = 0;
+    if (rv != CKR_OK)
+        return rv;
+    rv = real->C_FindObjects(session, handles, 2, found);
+    real->C_FindObjectsFinal(session);
+    if (rv != CKR_OK)
+        return rv;
+    if (*found != 1)
+        return CKR_KEY_HANDLE_INVALID;
+    *key = handles[0];
+    return CKR_OK;
+}
+
 static CK_RV shim_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key)
 {
-    CK_RV rv = real->C_SignInit(session, mech, key);
-    log_call("C_SignInit", rv, "mech=0x%08lX", mech ? (unsigned long)mech->mechanism : 0UL);
+    const unsigned long m = mech ? (unsigned long)mech->mechanism : 0UL;
+    CK_ULONG found = 0;
+    CK_RV rv;
+
+    if (sign_with == NULL) {
+        rv = real->C_SignInit(session, mech, key);
+        log_call("C_SignInit", rv, "mech=0x%08lX", m);
+        return rv;
+    }
+    rv = find_sign_with(session, &key, &found);
+    if (rv != CKR_OK) {
+        fprintf(stderr, "p11shim: MTLS_SHIM_SIGN_WITH: %lu private keys labelled '%s' (rv=0x%08lX)\n",
+                (unsigned long)found, sign_with, (unsigned long)rv);
+        log_call("C_SignInit", rv, "mech=0x%08lX swapped=no sign_with=%s found=%lu", m, sign_with,
+                 (unsigned long)found);
+        return rv;
+    }
+    rv = real->C_SignInit(session, mech, key);
+    log_call("C_SignInit", rv, "mech=0x%08lX swapped=yes sign_with=%s", m, sign_with);
     return rv;
 }
 
