@@ -94,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import mtls_engine
     from mtls_engine._backends import BACKENDS, STATUS
 
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(state["server_cert"], state["server_key"])
-    server.verify_mode = ssl.CERT_REQUIRED
-    server.load_verify_locations(state["ca"])
+    # The server side is mtls_engine's too: it requires and checks the card.
+    server = mtls_engine.server_context(state["server_cert"], state["server_key"], state["ca"])
     print(f"card key: {state['key']} (module {state['module']})")
     done = 0
     for backend in BACKENDS:

@@ -415,3 +415,51 @@ def test_only_refusals_are_reported(world: World, rejections: list[mtls_engine.R
         tls.close()
         refused(attempt(srv, client_ctx(world, None, ssl.TLSVersion.TLSv1_3)), "certificate required")
     assert [r.reason for r in rejections] == ["no_certificate"]
+
+
+def test_asyncio_server_reports_refusals(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    """asyncio.start_server(ssl=...) handshakes through an SSLObject and
+    memory BIOs: the reasons arrive the same way (no socket: no peer
+    address at that level)."""
+    import asyncio
+
+    srv = server(world, rejections)
+
+    async def main() -> tuple[bytes, str]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            cert = writer.get_extra_info("peercert")
+            subject = ",".join(f"{k}={v}" for rdn in cert["subject"] for k, v in rdn)
+            writer.write(subject.encode())
+            await writer.drain()
+            writer.close()
+
+        server_ = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=srv)
+        port = server_.sockets[0].getsockname()[1]
+        async with server_:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1",
+                port,
+                ssl=client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3),
+                server_hostname="localhost",
+            )
+            good = await reader.read()
+            writer.close()
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=client_ctx(world, world.expired, ssl.TLSVersion.TLSv1_2),
+                    server_hostname="localhost",
+                )  # fmt: skip
+                await reader.read()
+                outcome = "accepted"
+            except (ssl.SSLError, ConnectionError) as exc:
+                # asyncio's server transport aborts a refused connection: the
+                # client sees the alert or, when the reset wins, a reset
+                outcome = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.1)
+        return good, outcome
+
+    good, outcome = asyncio.run(main())
+    assert good == b"commonName=good client"
+    assert "certificate expired" in outcome or outcome.startswith("ConnectionResetError"), outcome
+    (r,) = rejections
+    assert (r.reason, r.subject) == ("expired", "CN=expired client")
