@@ -395,9 +395,11 @@ struct mtls_peer_record {
 /* Per SSL_CTX: the Python-side id of its hooks, and what was there before. */
 struct mtls_ctx_hooks {
     long id;
-    int has_rule;
+    int flags; /* MTLS_HOOK_* */
     int (*previous)(int, X509_STORE_CTX *);
 };
+#define MTLS_HOOK_RULE 1  /* call mtls_py_peer_rule on the verified leaf */
+#define MTLS_HOOK_SCOPE 2 /* client: present the certificate only where mtls_py_present says */
 
 /* Per X509_STORE: the CRLs mtls_engine serves (replaced as a whole on reload). */
 struct mtls_crlset {
@@ -473,6 +475,7 @@ static void mtls_describe(X509 *cert, char *subject, char *issuer, char *serial)
 
 /* Python, called back (cffi extern "Python+C"; the GIL is taken there). */
 int mtls_py_peer_rule(long, const unsigned char *, size_t);
+int mtls_py_present(long, const char *);
 void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
 
 static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
@@ -510,7 +513,7 @@ static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
     if (depth == 0 && !rec->rule_done) {
         rec->rule_done = 1;
         mtls_describe(cert, rec->leaf_subject, rec->leaf_issuer, rec->leaf_serial);
-        if (hooks->has_rule) {
+        if (hooks->flags & MTLS_HOOK_RULE) {
             unsigned char *der = NULL;
             int len = i2d_X509(cert, &der);
             int allowed = len > 0 && mtls_py_peer_rule(hooks->id, der, (size_t)len);
@@ -591,8 +594,34 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     mtls_py_rejected(hooks->id, ret & 0xff, ssl_reason, rec, peer);
 }
 
-/* Install the hooks on a context (once).  1 on success. */
-static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int has_rule)
+/* Client side, when the server asks for a certificate: keep the card's
+   certificate and key on this connection only if the server's name (SNI,
+   else the name or address being verified) is one the user listed;
+   otherwise clear them, so the client answers with no certificate and the
+   card signs nothing for that server. */
+static int mtls_cert_cb(SSL *ssl, void *arg)
+{
+    struct mtls_ctx_hooks *hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
+    const char *host;
+    char *ip = NULL;
+    int present;
+    (void)arg;
+    if (SSL_is_server(ssl) || hooks == NULL || !(hooks->flags & MTLS_HOOK_SCOPE))
+        return 1;
+    host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (host == NULL)
+        host = X509_VERIFY_PARAM_get0_host(SSL_get0_param(ssl), 0);
+    if (host == NULL)
+        host = ip = X509_VERIFY_PARAM_get1_ip_asc(SSL_get0_param(ssl));
+    present = host != NULL && mtls_py_present(hooks->id, host);
+    OPENSSL_free(ip);
+    if (!present)
+        SSL_certs_clear(ssl);
+    return 1;
+}
+
+/* Install the hooks on a context (once) and set what they do.  1 on success. */
+static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
 {
     struct mtls_ctx_hooks *hooks;
     if (!mtls_indexes())
@@ -611,7 +640,9 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int has_rule)
         SSL_CTX_set_info_callback(ctx, mtls_info_cb);
     }
     hooks->id = id;
-    hooks->has_rule = has_rule;
+    hooks->flags = flags;
+    if (flags & MTLS_HOOK_SCOPE)
+        SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
     return 1;
 }
 

@@ -39,6 +39,7 @@ struct mtls_peer_record {
     char leaf_serial[96];
 };
 extern "Python+C" int mtls_py_peer_rule(long, const unsigned char *, size_t);
+extern "Python+C" int mtls_py_present(long, const char *);
 extern "Python+C" void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
 int mtls_install_peer_hooks(SSL_CTX *, long, int);
 int mtls_verify_callback_installed(SSL_CTX *);

@@ -27,6 +27,7 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
+from ._inject import extract, inject, injected
 from ._p11 import TokenInfo
 from ._pin import pin_source, prompt_pin
 from ._server import Rejection, load_crls, pin_of, server_context
@@ -59,6 +60,9 @@ __all__ = [
     "TokenNotFound",
     "UriError",
     "client_context",
+    "extract",
+    "inject",
+    "injected",
     "load_card_key",
     "load_crls",
     "pin_of",

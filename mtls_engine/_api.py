@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -17,6 +17,7 @@ from ._context import ssl_ctx_pointer
 from ._errors import (
     CertificateError,
     CertKeyMismatch,
+    ConfigError,
     ModuleLoadError,
     ObjectNotFound,
     OpenSSLError,
@@ -32,7 +33,10 @@ __all__ = ["CardKey", "client_context", "load_card_key"]
 MODULE_ENV = "MTLS_ENGINE_MODULE"
 log = logging.getLogger("mtls_engine")
 
-# PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _adapt_sigalgs).
+# Where a client presents the card: host names / patterns, or a predicate.
+PresentTo = Union[Iterable[str], Callable[[str], bool], None]
+
+# PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _restrict_to_pkcs1).
 _PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"
 # What a server with such a key still accepts from clients (OpenSSL's usual set).
 _CLIENT_AUTH_SIGALGS = (
@@ -171,6 +175,7 @@ def load_card_key(
     *,
     force: bool = False,
     server: bool = False,
+    present_to: PresentTo = None,
 ) -> CardKey:
     """Attach the token's private key ``key`` (a ``pkcs11:`` URI) and its
     certificate to ``ctx``; every handshake signature is then made by the
@@ -182,26 +187,42 @@ def load_card_key(
     server's context (the card key then signs the server's handshakes).
     ``cert``: None for the certificate stored with the key's id, a
     ``pkcs11:`` URI, or a PEM/DER file (extra PEM certificates become the
-    chain).  Logs in at most once; raises a subclass of ``mtls_engine.Error``.
+    chain).  ``present_to``: host names (``*.example.org`` for any name
+    under it) or a callable ``(host) -> bool``; the card's certificate is
+    then sent only to those servers, and any other server that asks gets
+    none (the card signs nothing for it).  Logs in at most once; raises a
+    subclass of ``mtls_engine.Error``.
     """
     lib.ERR_clear_error()
     try:
-        return _load_card_key(ctx, key, cert, module, pin, backend, force, server)
+        ssl_ctx_pointer(ctx)  # is it an SSLContext we can use, before touching the card
+        loaded = resolve_card_key(key, cert, module, pin, backend, force=force)
+        return attach(ctx, loaded, server=server, present_to=present_to)
     finally:
         consume_errors()  # leave nothing for _ssl to misreport later
 
 
-def _load_card_key(
-    ctx: ssl.SSLContext,
+@dataclass(frozen=True)
+class LoadedKey:
+    """A card key found, logged in and loaded through its backend, ready to
+    be attached to any number of contexts without touching the card again."""
+
+    info: CardKey
+    leaf: Any = field(repr=False)  # X509 *
+    chain: tuple[Any, ...] = field(repr=False)  # X509 *
+    pkey: Any = field(repr=False)  # EVP_PKEY *
+    pkcs1_only: bool = False
+
+
+def resolve_card_key(
     key: str,
-    cert: str | os.PathLike[str] | None,
-    module: str | os.PathLike[str] | None,
-    pin: PinArg,
-    backend: str,
-    force: bool,
-    server: bool,
-) -> CardKey:
-    ssl_ctx = ssl_ctx_pointer(ctx)
+    cert: str | os.PathLike[str] | None = None,
+    module: str | os.PathLike[str] | None = None,
+    pin: PinArg = None,
+    backend: str = "auto",
+    *,
+    force: bool = False,
+) -> LoadedKey:
     key_uri = parse(key, what="key")
     if key_uri.object_type not in (None, "private"):
         raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")
@@ -216,18 +237,8 @@ def _load_card_key(
     candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
     pkey = _backends.load_private_key(chosen, mod, token, key_obj)
     leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
-    leaf_obj = x509.load_der_x509_certificate(leaf_der)
-
-    if not lib.SSL_CTX_use_certificate(ssl_ctx, leaf):
-        raise OpenSSLError("OpenSSL refused the certificate for this context", consume_errors())
-    for der in chain_ders:
-        if not lib.SSL_CTX_add1_chain_cert(ssl_ctx, _x509(der)):
-            raise OpenSSLError("OpenSSL refused a chain certificate", consume_errors())
-    if not lib.SSL_CTX_use_PrivateKey(ssl_ctx, pkey):
-        raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
-    if not lib.SSL_CTX_check_private_key(ssl_ctx):
-        raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
-    notes = _adapt_sigalgs(ctx, ssl_ctx, mod, token, key_obj, server)
+    pkcs1_only = key_obj.key_type == lib.CKK_RSA and not can_sign_pss(mod, token, key_obj)
+    notes = (_PKCS1_NOTE,) if pkcs1_only else ()
     for note in notes:
         log.warning("%s (key %r on %s)", note, key_obj.label, token)
     info = CardKey(
@@ -238,10 +249,33 @@ def _load_card_key(
         key_label=key_obj.label,
         key_id=key_obj.id,
         key_type=_key_type_name(pkey),
-        certificate=leaf_obj,
-        notes=tuple(notes),
+        certificate=x509.load_der_x509_certificate(leaf_der),
+        notes=notes,
     )
-    return info
+    return LoadedKey(info, leaf, tuple(_x509(der) for der in chain_ders), pkey, pkcs1_only)
+
+
+def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, present_to: PresentTo = None) -> CardKey:
+    """Put a loaded card key (certificate, chain, key) on ``ctx``."""
+    ssl_ctx = ssl_ctx_pointer(ctx)
+    if server and present_to is not None:
+        raise ConfigError("present_to= is for clients: a server presents its certificate to every client")
+    if not lib.SSL_CTX_use_certificate(ssl_ctx, loaded.leaf):
+        raise OpenSSLError("OpenSSL refused the certificate for this context", consume_errors())
+    for chain_cert in loaded.chain:
+        if not lib.SSL_CTX_add1_chain_cert(ssl_ctx, chain_cert):
+            raise OpenSSLError("OpenSSL refused a chain certificate", consume_errors())
+    if not lib.SSL_CTX_use_PrivateKey(ssl_ctx, loaded.pkey):
+        raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
+    if not lib.SSL_CTX_check_private_key(ssl_ctx):
+        raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
+    if loaded.pkcs1_only:
+        _restrict_to_pkcs1(ctx, ssl_ctx, server)
+    if present_to is not None:
+        from ._server import present_only_to
+
+        present_only_to(ctx, present_to)
+    return loaded.info
 
 
 def _key_type_name(pkey: Any) -> str:
@@ -262,18 +296,15 @@ def can_sign_pss(mod: Module, token: TokenInfo, key: KeyObject) -> bool:
     return (allowed is None or pss in allowed) and pss in mod.mechanisms(token.slot_id)
 
 
-def _adapt_sigalgs(
-    ctx: ssl.SSLContext, ssl_ctx: Any, mod: Module, token: TokenInfo, key: KeyObject, server: bool = False
-) -> list[str]:
+_PKCS1_NOTE = "the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most"
+
+
+def _restrict_to_pkcs1(ctx: ssl.SSLContext, ssl_ctx: Any, server: bool) -> None:
     """Many cards cannot do RSA-PSS.  TLS 1.3 requires PSS for RSA, and TLS
     1.2 picks PSS when both sides offer it, so such a key fails every
     handshake with an opaque error.  When the token (or the key's
     CKA_ALLOWED_MECHANISMS) lacks RSA-PSS, sign with PKCS#1 v1.5 only and cap
-    this context at TLS 1.2, and say so."""
-    if key.key_type != lib.CKK_RSA:
-        return []
-    if can_sign_pss(mod, token, key):
-        return []
+    this context at TLS 1.2 (CardKey.notes and a log line say so)."""
     # A client signs its CertificateVerify with the "client sigalgs"; a
     # server signs with the general list, which OpenSSL also sends in its
     # CertificateRequest unless a client list is set.  So a server restricts
@@ -288,7 +319,6 @@ def _adapt_sigalgs(
         raise OpenSSLError("cannot restrict signature algorithms to PKCS#1 v1.5", consume_errors())
     if ctx.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED or ctx.maximum_version > ssl.TLSVersion.TLSv1_2:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    return ["the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most"]
 
 
 def client_context(
@@ -303,18 +333,20 @@ def client_context(
     cadata: str | bytes | None = None,
     force: bool = False,
     server_pins: Iterable[str] | None = None,
+    present_to: PresentTo = None,
 ) -> ssl.SSLContext:
     """A client ``SSLContext`` that proves itself with the card key and
     verifies the server (chain to ``cafile``/``capath``/``cadata``, or the
     system's CAs, and host name), TLS 1.2 or newer.  ``server_pins``:
     accept only a server whose public key (``sha256/<base64>``, see
     ``pin_of``) or certificate (SHA-256 fingerprint, hex) is listed — on top
-    of, never instead of, the chain and host-name checks."""
+    of, never instead of, the chain and host-name checks.  ``present_to``:
+    see ``load_card_key``."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath, cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if server_pins is not None:
         from ._server import pin_server
 
         pin_server(ctx, server_pins)
-    load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend, force=force)
+    load_card_key(ctx, key, cert=cert, module=module, pin=pin, backend=backend, force=force, present_to=present_to)
     return ctx

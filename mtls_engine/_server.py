@@ -17,6 +17,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import ipaddress
 import itertools
 import logging
 import os
@@ -99,25 +100,109 @@ PeerRule = Callable[[x509.Certificate], bool]
 
 
 class _Hooks:
-    def __init__(self, on_reject: RejectHandler | None, rule: PeerRule | None) -> None:
-        self.on_reject = on_reject
-        self.rule = rule
+    """What mtls_engine's C callbacks on one context ask Python: the server's
+    refusal handler, the peer rule (access rule or server pins), and, for a
+    client, where to present the card."""
+
+    def __init__(self, hooks_id: int) -> None:
+        self.id = hooks_id
+        self.on_reject: RejectHandler | None = None
+        self.rule: PeerRule | None = None
+        self.present: Callable[[str], bool] | None = None
+
+    @property
+    def flags(self) -> int:
+        return (1 if self.rule is not None else 0) | (2 if self.present is not None else 0)
 
 
 _REGISTRY: dict[int, _Hooks] = {}
+_BY_CONTEXT: weakref.WeakKeyDictionary[ssl.SSLContext, _Hooks] = weakref.WeakKeyDictionary()
 _REGISTRY_LOCK = threading.Lock()
 _IDS = itertools.count(1)
 
 
-def _install(ctx: ssl.SSLContext, on_reject: RejectHandler | None, rule: PeerRule | None) -> None:
-    """Attach the verify and info callbacks to ``ctx``'s SSL_CTX; the
-    Python side lives as long as ``ctx``."""
-    hooks_id = next(_IDS)
+def _hooks_of(ctx: ssl.SSLContext) -> _Hooks:
+    """The one _Hooks of ``ctx`` (made on first use; gone with ``ctx``)."""
     with _REGISTRY_LOCK:
-        _REGISTRY[hooks_id] = _Hooks(on_reject, rule)
-    weakref.finalize(ctx, _REGISTRY.pop, hooks_id, None)
-    if not lib.mtls_install_peer_hooks(ssl_ctx_pointer(ctx), hooks_id, int(rule is not None)):
+        hooks = _BY_CONTEXT.get(ctx)
+        if hooks is None:
+            hooks = _BY_CONTEXT[ctx] = _Hooks(next(_IDS))
+            _REGISTRY[hooks.id] = hooks
+            weakref.finalize(ctx, _REGISTRY.pop, hooks.id, None)
+        return hooks
+
+
+def _sync(ctx: ssl.SSLContext, hooks: _Hooks) -> None:
+    """(Re)install the C callbacks on ``ctx`` with what ``hooks`` now asks."""
+    if not lib.mtls_install_peer_hooks(ssl_ctx_pointer(ctx), hooks.id, hooks.flags):
         raise OpenSSLError("cannot install the peer verification callbacks", consume_errors())
+
+
+def _install(ctx: ssl.SSLContext, on_reject: RejectHandler | None, rule: PeerRule | None) -> None:
+    hooks = _hooks_of(ctx)
+    hooks.on_reject, hooks.rule = on_reject, rule
+    _sync(ctx, hooks)
+
+
+def present_matcher(present_to: Iterable[str] | Callable[[str], bool]) -> Callable[[str], bool]:
+    """A predicate over server names from host names (exact, any case),
+    ``*.example.org`` (any name under example.org, not itself) and IP
+    addresses; or the user's own callable."""
+    if callable(present_to):
+        return present_to
+    if isinstance(present_to, (str, bytes)):
+        raise ConfigError("present_to= takes a list of host names (or a callable), not a single string")
+    exact: set[str] = set()
+    suffixes: list[str] = []
+    for entry in present_to:
+        name = str(entry).strip().lower().rstrip(".")
+        if name.startswith("*.") and "*" not in name[2:] and len(name) > 2:
+            suffixes.append(name[1:])
+        elif name and "*" not in name and not any(c in name for c in "/@ "):
+            exact.add(_normal_host(name))
+        else:
+            raise ConfigError(
+                f"present_to= entry {entry!r} is not a host name, an IP address or '*.domain' (a leading '*.' "
+                "is the only wildcard)"
+            )
+
+    def match(host: str) -> bool:
+        h = _normal_host(host.lower().rstrip("."))
+        return h in exact or any(h.endswith(s) for s in suffixes)
+
+    return match
+
+
+def _normal_host(name: str) -> str:
+    try:
+        return ipaddress.ip_address(name.strip("[]")).compressed
+    except ValueError:
+        return name
+
+
+def present_only_to(ctx: ssl.SSLContext, present_to: Iterable[str] | Callable[[str], bool]) -> None:
+    """Send ``ctx``'s client certificate only to the servers ``present_to``
+    admits; other servers that ask get no certificate."""
+    hooks = _hooks_of(ctx)
+    hooks.present = present_matcher(present_to)
+    _sync(ctx, hooks)
+
+
+@ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
+def mtls_py_present(hooks_id: int, host: Any) -> int:
+    """Whether to present the card to this server; any error: no (fail closed)."""
+    hooks = _REGISTRY.get(hooks_id)
+    if hooks is None or hooks.present is None:
+        return 0
+    try:
+        name = ffi.string(host).decode("ascii", "replace")
+        if hooks.present(name):
+            return 1
+        log.info("not presenting the card's certificate to %s (not in present_to)", name)
+        return 0
+    except Exception:
+        log.exception("the present_to predicate raised; the card is not presented")
+        return 0
 
 
 @ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
@@ -382,7 +467,9 @@ def pin_rule(pins: Iterable[str]) -> PeerRule:
 def pin_server(ctx: ssl.SSLContext, pins: Iterable[str]) -> None:
     """Make a client context accept only servers whose key or certificate is
     pinned (on top of the normal chain and host-name checks)."""
-    _install(ctx, None, pin_rule(list(pins)))
+    hooks = _hooks_of(ctx)
+    hooks.rule = pin_rule(list(pins))
+    _sync(ctx, hooks)
 
 
 # -- the server context ------------------------------------------------------------

@@ -120,7 +120,7 @@ class TokenStore:
             raise RuntimeError(f"softhsm2-util --init-token failed: {out.strip()}")
         out = self._run(["softhsm2-util", "--show-slots"])
         serial = ""
-        for block in out.split("\n\n"):
+        for block in re.split(r"^Slot ", out, flags=re.MULTILINE):
             if re.search(rf"Label:\s+{re.escape(label)}\s*$", block, re.MULTILINE):
                 m = re.search(r"Serial number:\s+(\S+)", block)
                 serial = m.group(1) if m else ""

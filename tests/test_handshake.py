@@ -13,6 +13,7 @@ import mtls_engine
 from mtls_engine._softhsm import KeyKind
 
 from .conftest import CARD_KEYS, Pki
+from .helpers import run_python
 from .servers import echo_server, https_server, server_context, talk
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
@@ -76,19 +77,23 @@ def test_certificate_by_uri(pki: Pki, srv_ctx: ssl.SSLContext, backend: str) -> 
 
 
 def test_pin_callable_gets_token_info(pki: Pki) -> None:
-    asked = []
-
-    def pin(token: mtls_engine.TokenInfo) -> str:
-        asked.append(token.label)
-        return pki.card2.pin
-
-    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-    mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P256, pki.card2), module=pki.module, pin=pin)
-    assert asked == ["card2"]
-    # Logged in already: a second load asks for no PIN and does not log in.
-    ctx2 = ssl.create_default_context(cafile=str(pki.ca_file))
-    mtls_engine.load_card_key(ctx2, pki.key_uri(KeyKind.P256, pki.card2), module=pki.module, pin=pin)
-    assert asked == ["card2"]
+    """In a fresh process (login state is per process): the callable is
+    asked once, with the token's info; a second load asks nothing."""
+    code = f"""
+import ssl, mtls_engine
+asked = []
+def pin(token):
+    asked.append((token.label, token.serial))
+    return open({str(pki.workdir / "card2.pin")!r}).read()
+for _ in range(2):
+    ctx = ssl.create_default_context()
+    mtls_engine.load_card_key(ctx, {pki.key_uri(KeyKind.P256, pki.card2)!r}, module={pki.module!r}, pin=pin)
+print(asked)
+"""
+    (pki.workdir / "card2.pin").write_text(pki.card2.pin)
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == repr([("card2", pki.card2.serial)])
 
 
 def test_server_verification_is_on_by_default_wrong_ca(pki: Pki, srv_ctx: ssl.SSLContext) -> None:
@@ -161,7 +166,7 @@ def test_rsa_key_without_pss_fails_without_the_adaptation(
     needs PSS; in TLS 1.2 both sides prefer PSS)."""
     from mtls_engine import _api
 
-    monkeypatch.setattr(_api, "_adapt_sigalgs", lambda *args: [])
+    monkeypatch.setattr(_api, "can_sign_pss", lambda *args: True)  # pretend: no adaptation
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     ctx.maximum_version = version
     info = mtls_engine.load_card_key(
