@@ -99,16 +99,22 @@ def echo_server(ctx: ssl.SSLContext) -> Iterator[EchoServer]:
         srv.close()
 
 
+def send_json(handler: http.server.BaseHTTPRequestHandler, doc: object, status: int = 200) -> None:
+    """Answer a request with ``doc`` as JSON (with a Content-Length, so a
+    keep-alive connection stays usable)."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         peer = self.connection.getpeercert() or {}  # type: ignore[attr-defined]
         subject = ",".join(f"{k}={v}" for rdn in peer.get("subject", ()) for k, v in rdn)
-        body = json.dumps({"subject": subject, "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, {"subject": subject, "path": self.path})
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -40,6 +40,7 @@ from mtls_engine.requests_adapter import CardKeyAdapter
 from . import p11shim
 from .conftest import TEST_PIN, Pki, need
 from .helpers import ROOT, run_python
+from .servers import send_json
 
 DOC = ROOT / "docs" / "integrations.md"
 LIBRARIES = ("requests", "httpx", "httpx-async", "aiohttp", "urllib3", "asyncio")
@@ -117,13 +118,7 @@ class _WhoAmI(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.requests += 1
-        body = json.dumps({"subject": _subject(self.connection), "connection": self.number,
-                           "request": self.requests}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, {"subject": _subject(self.connection), "connection": self.number, "request": self.requests})
 
     def log_message(self, format: str, *args: object) -> None:
         pass
