@@ -1,0 +1,541 @@
+"""mtls_engine.aio: asyncio streams whose TLS handshake (and so the card's
+signature) runs off the event loop.
+
+Card keys are used in fresh interpreters (tests/helpers.run_python), as in
+test_shim.py: PKCS#11 login state and the shim's configuration belong to a
+process, and pkcs11-provider serves one module per process (so a process's
+card-key clients and card-held server key share one module).  The slow-card
+tests use the shim (tests/p11shim) over a SoftHSM2 token store of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import mtls_engine
+from mtls_engine import aio
+from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
+
+from . import p11shim
+from .conftest import TEST_PIN, Pki, need
+from .helpers import run_python
+
+T = TypeVar("T")
+SHIM_PIN = "26535897"  # the slow card's PIN: distinctive, like TEST_PIN
+CARD_DELAY_MS = 200
+
+
+def _last_json(proc: Any) -> Any:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _public_key_pem(cert_file: Path) -> bytes:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ---- a slow card holding both a client key and a server key ----------------------------
+
+
+@dataclass
+class AioCard:
+    shim: Path
+    store: TokenStore
+    token: Token
+    ca_file: Path
+    server_cert: Path  # for the token's "server" key, host name localhost
+
+    def env(self, state_dir: Path, **options: Any) -> dict[str, str]:
+        """A child's environment: the shim (configured with ``options``) over
+        this card's token store, and what TICKER_SCRIPT needs."""
+        return {**p11shim.shim_env(self.store.module, state_dir, **options), **self.store.env,
+                "T_MODULE": str(self.shim), "T_PIN": SHIM_PIN, "T_CA": str(self.ca_file),
+                "T_CLIENT_URI": self.token.uri(object="client", type="private"),
+                "T_SERVER_URI": self.token.uri(object="server", type="private"),
+                "T_SERVER_CERT": str(self.server_cert)}  # fmt: skip
+
+
+def make_aio_card(workdir: Path, ca: CA, ca_file: Path) -> AioCard:
+    """A shim and a SoftHSM2 store of its own with one token: "client" (P-256,
+    its certificate on the token) and "server" (P-256, certificate for
+    localhost in a file).  Also used by benchmarks/event_loop.py."""
+    shim = p11shim.build()
+    store = TokenStore.create(workdir / "softhsm")
+    token = store.init_token("aiocard", pin=SHIM_PIN)
+    pub = token.generate_key(KeyKind.P256, "client", "02")
+    token.store_certificate(ca.issue(pub, "card-holder aiocard"), "client", "02", workdir)
+    pub = token.generate_key(KeyKind.P256, "server", "04")
+    server_cert = workdir / "aiocard-server.pem"
+    server_cert.write_bytes(
+        ca.issue(pub, "localhost", client=False, dns_names=("localhost",)).public_bytes(serialization.Encoding.PEM)
+    )
+    return AioCard(shim, store, token, ca_file, server_cert)
+
+
+@pytest.fixture(scope="module")
+def aio_card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AioCard:
+    try:
+        return make_aio_card(tmp_path_factory.mktemp("aiocard"), pki.ca, pki.ca_file)
+    except p11shim.ShimUnavailable as exc:
+        need(False, str(exc))
+        raise
+
+
+# ---- the event loop stays responsive while a slow card signs -----------------------------
+
+# One loop: a ticker task (every 10 ms), a server whose key is on the card, and
+# T_CLIENTS clients with card keys, each doing a handshake and an echo of
+# T_PAYLOAD bytes; once with offload (mtls_engine.aio), once without
+# (asyncio's own TLS).  Prints the ticker's gaps and the clients' wall time.
+TICKER_SCRIPT = """
+import asyncio, json, os, time
+import mtls_engine
+from mtls_engine import aio
+
+E = os.environ
+card = dict(module=E["T_MODULE"], pin=E["T_PIN"], backend=E["T_BACKEND"])
+client = mtls_engine.client_context(E["T_CLIENT_URI"], cafile=E["T_CA"], **card)
+server = mtls_engine.server_context(E["T_SERVER_CERT"], E["T_SERVER_URI"], E["T_CA"], **card)
+PAYLOAD = os.urandom(int(E.get("T_PAYLOAD", "64")))
+
+async def echo(reader, writer):
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+async def talk(port, offload):
+    reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost",
+                                              offload=offload)
+    writer.write(PAYLOAD)
+    got, _ = await asyncio.gather(reader.readexactly(len(PAYLOAD)), writer.drain())
+    assert got == PAYLOAD
+    writer.close()
+    await writer.wait_closed()
+
+async def measure(offload, clients):
+    loop = asyncio.get_running_loop()
+    srv = await aio.start_server(echo, "127.0.0.1", 0, ssl=server, offload=offload)
+    port = srv.sockets[0].getsockname()[1]
+    gaps, stop = [], asyncio.Event()
+    async def ticker():
+        last = loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+    tick = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.1)
+    del gaps[:]
+    start = time.monotonic()
+    await asyncio.gather(*(talk(port, offload) for _ in range(clients)))
+    seconds = time.monotonic() - start
+    stop.set()
+    await tick
+    srv.close()
+    await srv.wait_closed()
+    return {"worst_gap": max(gaps), "mean_gap": sum(gaps) / len(gaps), "ticks": len(gaps), "seconds": seconds}
+
+out = {}
+for mode in E.get("T_MODES", "offload,asyncio").split(","):
+    out[mode] = asyncio.run(measure(mode == "offload", int(E.get("T_CLIENTS", "5"))))
+print(json.dumps(out))
+"""
+
+_TICKS: dict[str, dict[str, Any]] = {}  # per backend: both modes come from one child
+
+
+@pytest.fixture
+def ticks(aio_card: AioCard, backend: str, tmp_path: Path) -> dict[str, Any]:
+    if backend not in _TICKS:
+        env = {**aio_card.env(tmp_path, sign_delay_ms=CARD_DELAY_MS), "T_BACKEND": backend, "T_CLIENTS": "5"}
+        out = _last_json(run_python(TICKER_SCRIPT, env))
+        out["signatures"] = p11shim.signatures(env["MTLS_SHIM_LOG"])
+        _TICKS[backend] = out
+    return _TICKS[backend]
+
+
+def test_offload_keeps_the_loop_responsive(ticks: dict[str, Any]) -> None:
+    """The acceptance test: 5 card-key clients and a card-held server key in
+    one loop, 200 ms a signature; the 10 ms ticker never waits 50 ms."""
+    off, base = ticks["offload"], ticks["asyncio"]
+    print(f"worst ticker gap: offload {off['worst_gap'] * 1000:.1f} ms, asyncio {base['worst_gap'] * 1000:.1f} ms")
+    assert ticks["signatures"] == 2 * 5 * 2  # both modes, 5 handshakes, the client's and the server's signature
+    assert off["worst_gap"] < 0.05, ticks
+    assert off["ticks"] >= off["seconds"] / 0.02  # the ticker ran throughout
+
+
+def test_without_offload_the_card_blocks_the_loop(ticks: dict[str, Any]) -> None:
+    """The baseline documents the problem: asyncio's TLS signs on the loop
+    thread, which stops for the card's whole delay (a lower bound)."""
+    base = ticks["asyncio"]
+    print(f"worst ticker gap without offload: {base['worst_gap'] * 1000:.1f} ms")
+    assert base["worst_gap"] >= CARD_DELAY_MS / 1000, ticks
+    assert base["seconds"] >= 10 * CARD_DELAY_MS / 1000  # ten signatures, one after another
+
+
+# ---- correctness with real card keys, both sides ----------------------------------------
+
+# For each TLS version, server key (file or token) and client key (P-256 or
+# RSA on the token): a handshake, 1 MB echoed both ways at once, and a
+# half-close (the client's write_eof; the server still answers after the
+# EOF).  Then a client without a certificate, refused; then 20 connections at
+# once, counting descriptors and threads before and after.
+ECHO_SCRIPT = """
+import asyncio, json, os, re, ssl, threading
+import mtls_engine
+from mtls_engine import aio
+
+E = os.environ
+card = dict(module=E["T_MODULE"], pin=E["T_PIN"], backend=E["T_BACKEND"])
+MB = os.urandom(1 << 20)
+bare = lambda exc: re.sub(r" \\(_ssl\\.c:\\d+\\)$", "", str(exc))
+refusals = []
+
+def server_ctx(kind, version):
+    cert, key = json.loads(E["T_SERVERS"])[kind]
+    ctx = mtls_engine.server_context(cert, key, E["T_CA"], on_reject=refusals.append, **card)
+    ctx.maximum_version = ssl.TLSVersion[version]
+    return ctx
+
+def client_ctx(uri):
+    return mtls_engine.client_context(uri, cafile=E["T_CA"], **card)
+
+def subject(cert):
+    return ",".join(f"{k}={v}" for rdn in cert["subject"] for k, v in rdn)
+
+async def handle(reader, writer):
+    tls = writer.get_extra_info("ssl_object")
+    hello = {"subject": subject(writer.get_extra_info("peercert")), "version": tls.version(),
+             "peer": writer.get_extra_info("peername")[0]}
+    writer.write(json.dumps(hello).encode() + b"\\n")
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.write(b"after eof")  # the client half-closed; this direction still works
+    writer.close()
+    await writer.wait_closed()
+
+async def serve(ctx):
+    srv = await aio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    return srv, srv.sockets[0].getsockname()[1]
+
+async def echo(ctx, port):
+    reader, writer = await aio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+    hello = json.loads(await reader.readline())
+    async def send():
+        for i in range(0, len(MB), 100_000):
+            writer.write(MB[i:i + 100_000])
+            await writer.drain()
+        writer.write_eof()
+    _, back = await asyncio.gather(send(), reader.read())
+    out = {**hello, "echoed": back == MB + b"after eof", "server_subject": subject(writer.get_extra_info("peercert")),
+           "cipher_version": writer.get_extra_info("cipher")[1], "port": writer.get_extra_info("peername")[1],
+           "can_write_eof": writer.can_write_eof()}
+    writer.close()
+    await writer.wait_closed()
+    return out
+
+async def refused(ctx, port):
+    result = {"stage": "handshake"}
+    try:
+        reader, writer = await aio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        result["stage"] = "read"
+        await reader.read()
+        writer.close()
+    except (ssl.SSLError, OSError) as exc:
+        result.update(error=type(exc).__name__, text=bare(exc))
+    return result
+
+async def once(ctx, port):
+    reader, writer = await aio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+    await reader.readline()
+    writer.write(b"x" * 1000)
+    assert await reader.readexactly(1000) == b"x" * 1000
+    writer.close()
+    await writer.wait_closed()
+
+def counts():
+    return len(os.listdir("/proc/self/fd")), threading.active_count()
+
+async def settled():  # counts() once no connection is closing (stable for 100 ms; 3 s at most)
+    seen = [counts()]
+    while len(seen) < 300 and (len(seen) < 10 or len(set(seen[-10:])) > 1):
+        await asyncio.sleep(0.01)
+        seen.append(counts())
+    return seen[-1]
+
+async def main():
+    out = {"echo": {}, "refused": {}}
+    clients = {name: client_ctx(uri) for name, uri in json.loads(E["T_CLIENTS"]).items()}
+    nocert = ssl.create_default_context(cafile=E["T_CA"])
+    for version in ("TLSv1_3", "TLSv1_2"):
+        for kind in ("file", "token"):
+            srv, port = await serve(server_ctx(kind, version))
+            async with srv:
+                for name, ctx in clients.items():
+                    out["echo"][f"{version}/{kind}/{name}"] = {**await echo(ctx, port), "server_port": port}
+                del refusals[:]
+                out["refused"][f"{version}/{kind}"] = {**await refused(nocert, port),
+                                                      "reasons": [r.reason for r in refusals]}
+                await once(clients["ec256"], port)  # the server lives on
+    # 20 connections at once; the server's key on the token
+    ctx, srv_ctx = clients["ec256"], server_ctx("token", "TLSv1_3")
+    before, peak = await settled(), 0
+    srv, port = await serve(srv_ctx)
+    async with srv:
+        busy = asyncio.gather(*(once(ctx, port) for _ in range(20)))
+        while not busy.done():
+            peak = max(peak, threading.active_count())
+            await asyncio.sleep(0.001)
+        await busy
+    out["leaks"] = {"before": before, "after": await settled(), "peak_threads": peak}
+    return out
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+_ECHOES: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def echoes(pki: Pki, backend: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ECHO_SCRIPT's results for ``backend`` (one child per backend)."""
+    if backend not in _ECHOES:
+        work = tmp_path_factory.mktemp("aio-echo")
+        token_cert = work / "card2-server.pem"  # a server certificate for card2's P-256 key
+        pub = _public_key_pem(pki.cert_file(KeyKind.P256, pki.card2))
+        cert = pki.ca.issue(pub, "localhost", client=False, dns_names=("localhost",))
+        token_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        servers = {"file": [str(pki.server_cert), str(pki.server_key)],
+                   "token": [str(token_cert), pki.key_uri(KeyKind.P256, pki.card2)]}  # fmt: skip
+        clients = {"ec256": pki.key_uri(KeyKind.P256), "rsa2048": pki.key_uri(KeyKind.RSA2048)}
+        env = {"T_MODULE": pki.module, "T_PIN": TEST_PIN, "T_BACKEND": backend, "T_CA": str(pki.ca_file),
+               "T_SERVERS": json.dumps(servers), "T_CLIENTS": json.dumps(clients)}  # fmt: skip
+        _ECHOES[backend] = _last_json(run_python(ECHO_SCRIPT, env))
+    return _ECHOES[backend]
+
+
+def test_echo_with_card_keys_on_both_sides(echoes: dict[str, Any]) -> None:
+    """Card-key clients against a server with a file key and one with a
+    token key, TLS 1.3 and 1.2: 1 MB both ways, half-close, extra info."""
+    assert len(echoes["echo"]) == 8
+    for name, got in echoes["echo"].items():
+        version, _, client = name.split("/")
+        tls = version.replace("v1_", "v1.")
+        port = got["server_port"]
+        assert got == {"subject": f"commonName=card-holder {client}", "version": tls, "peer": "127.0.0.1",
+                       "echoed": True, "server_subject": "commonName=localhost", "cipher_version": tls,
+                       "port": port, "server_port": port, "can_write_eof": True}, name  # fmt: skip
+
+
+def test_client_without_certificate_is_refused(echoes: dict[str, Any]) -> None:
+    """The refusal reaches the client's coroutine as an ssl.SSLError: from
+    open_connection in TLS 1.2, from the first read in TLS 1.3 (the client's
+    handshake is over when the server refuses), as with blocking sockets.
+    The server's on_reject says why, and it goes on serving."""
+    for name, got in echoes["refused"].items():
+        if name.startswith("TLSv1_3"):
+            stage, text = "read", "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required"
+        else:
+            stage, text = "handshake", "[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] sslv3 alert handshake failure"
+        assert got == {"stage": stage, "error": "SSLError", "text": text, "reasons": ["no_certificate"]}, name
+
+
+def test_no_descriptor_or_thread_outlives_its_connection(echoes: dict[str, Any]) -> None:
+    """20 connections at once: handshake threads come and go, and afterwards
+    the process has as many descriptors and threads as before."""
+    leaks = echoes["leaks"]
+    assert leaks["after"] == leaks["before"], leaks  # (open descriptors, live threads)
+    assert leaks["peak_threads"] > leaks["before"][1], leaks  # the handshakes did run in threads
+
+
+# ---- the API, in this process with file keys ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A (client, server) pair of contexts with file keys (no token)."""
+    cert, key = pki.ca.issue_client_files(tmp_path_factory.mktemp("aio-files"), "file client")
+    client = ssl.create_default_context(cafile=str(pki.ca_file))
+    client.load_cert_chain(str(cert), str(key))
+    return client, mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, failing rather than hanging."""
+    return asyncio.run(asyncio.wait_for(main, 30))
+
+
+class _Hello:
+    """A client_connected_cb: says hello, reads to EOF, closes.  ``await
+    finished()`` waits for every connection's handler to end (a handler
+    still running when asyncio.run ends would be cancelled)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.append(asyncio.ensure_future(self._hello(reader, writer)))
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+        await writer.wait_closed()
+
+    async def finished(self) -> None:
+        await asyncio.gather(*self.tasks)
+
+
+def test_offload_false_is_asyncio_itself(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    client, server = files
+
+    async def main() -> list[Any]:
+        hello = _Hello()
+        srv = await aio.start_server(hello, "127.0.0.1", 0, ssl=server, offload=False)
+        async with srv:
+            port = srv.sockets[0].getsockname()[1]
+            reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost",
+                                                       offload=False)  # fmt: skip
+            seen = [await reader.readline(), writer.get_extra_info("sslcontext") is client, writer.can_write_eof()]
+            writer.close()
+            await writer.wait_closed()
+            await hello.finished()
+            return seen
+
+    assert _run(main()) == [b"hello\n", True, False]  # asyncio's TLS transport: no half-close
+
+
+def test_flow_control_both_ways(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A server that does not read: its transport stops reading from the
+    socket, the client's writes stay in the client's buffer (drain waits),
+    and all 16 MiB arrive intact once the server reads."""
+    client, server = files
+    payload = os.urandom(16 << 20)
+
+    async def main() -> dict[str, Any]:
+        go, seen = asyncio.Event(), {}
+
+        async def late_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await go.wait()
+            seen["server_reading"] = writer.transport.is_reading()  # type: ignore[attr-defined]
+            seen["intact"] = await reader.readexactly(len(payload)) == payload
+            writer.close()
+            await writer.wait_closed()
+
+        srv = await aio.start_server(late_reader, "127.0.0.1", 0, ssl=server)
+        async with srv:
+            port = srv.sockets[0].getsockname()[1]
+            reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+            writer.write(payload)
+            drain = asyncio.ensure_future(writer.drain())
+            await asyncio.sleep(0.3)
+            seen["drained_early"] = drain.done()
+            seen["client_buffered"] = writer.transport.get_write_buffer_size()
+            go.set()
+            await drain
+            seen["eof"] = await reader.read()  # the server closed after reading it all
+            writer.close()
+            await writer.wait_closed()
+        return seen
+
+    seen = _run(main())
+    assert seen["server_reading"] is False and seen["drained_early"] is False
+    assert seen["client_buffered"] > 1 << 20  # held by the sender (the rest fills kernel buffers)
+    assert seen["intact"] is True and seen["eof"] == b""
+
+
+def test_server_survives_bad_peers(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """Not TLS, a hang-up mid-handshake, a handshake timeout: the server
+    goes on; the client sees a timeout as ConnectionAbortedError."""
+    client, server = files
+
+    async def main() -> list[Any]:
+        hello = _Hello()
+        srv = await aio.start_server(hello, "127.0.0.1", 0, ssl=server, ssl_handshake_timeout=0.3)
+        mute: list[asyncio.StreamWriter] = []
+        silent = await asyncio.start_server(lambda r, w: mute.append(w), "127.0.0.1", 0)  # accepts, never answers
+        async with srv, silent:
+            port, silent_port = (s.sockets[0].getsockname()[1] for s in (srv, silent))
+            seen: list[Any] = []
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)  # plain TCP
+            writer.write(b"\x16\x03\x01\x00\x04\x01\x00\x00\x00")  # an empty ClientHello
+            seen.append(await reader.read())  # the server's alert, then its FIN
+            writer.close()
+            await writer.wait_closed()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()  # hangs up before the ClientHello
+            await writer.wait_closed()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            seen.append(await reader.read())  # sends nothing: the server gives up after 0.3 s
+            writer.close()
+            await writer.wait_closed()
+            try:
+                await aio.open_connection("127.0.0.1", silent_port, ssl=client, server_hostname="localhost",
+                                          ssl_handshake_timeout=0.3)  # fmt: skip
+            except ConnectionAbortedError as exc:
+                seen.append(str(exc))
+            with pytest.raises(asyncio.TimeoutError):  # cancelled mid-handshake: the connection goes
+                await asyncio.wait_for(aio.open_connection("127.0.0.1", silent_port, ssl=client,
+                                                           server_hostname="localhost"), 0.2)  # fmt: skip
+            for w in mute:
+                w.close()
+            reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+            seen.append(await reader.readline())
+            writer.close()
+            await writer.wait_closed()
+            await hello.finished()
+            return seen
+
+    alert, nothing, timeout, hello = _run(main())
+    assert alert[:1] == b"\x15" and nothing == b""  # a TLS alert record
+    assert timeout == "the TLS handshake took longer than 0.3 s: aborted"
+    assert hello == b"hello\n"
+
+
+def test_eof_without_close_notify_is_an_eof(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A peer that closes its socket without close_notify: the reader gets
+    the data, then EOF (as asyncio and suppress_ragged_eofs do)."""
+    client, server = files
+
+    async def main() -> bytes:
+        done = asyncio.Event()
+
+        async def blunt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"bye")
+            await writer.drain()
+            writer.transport.abort()  # the socket closes: FIN, no close_notify
+            done.set()
+
+        srv = await aio.start_server(blunt, "127.0.0.1", 0, ssl=server)
+        async with srv:
+            port = srv.sockets[0].getsockname()[1]
+            reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+            data = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            await done.wait()
+        return data
+
+    assert _run(main()) == b"bye"
+
+
+def test_server_hostname_is_needed_without_a_host(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    with pytest.raises(ValueError, match="server_hostname"):
+        asyncio.run(aio.open_connection(sock=None, ssl=files[0]))
