@@ -148,17 +148,35 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
                 f"the {what} URI {redact(uri)!r} has an unknown query attribute {key!r}; known "
                 "ones are " + ", ".join(sorted(_QUERY_ATTRS))
             )
+        if key in seen:
+            raise UriError(f"the {what} URI {redact(uri)!r} gives {key!r} twice; give it once")
+        seen.add(key)
     types = [urllib.parse.unquote(v) for k, v in _split_path(uri) if k == "type"]
     obj_type = types[0] if types else None
     if obj_type is not None and obj_type not in ("private", "public", "cert", "secret-key", "data"):
         raise UriError(f"the {what} URI {redact(uri)!r} has an unknown type {obj_type!r}")
+    try:
+        raw = uri.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UriError(f"the {what} URI {redact(uri)!r} is not valid Unicode text") from None
     handle = ffi.gc(lib.p11_kit_uri_new(), lib.p11_kit_uri_free)
-    rc = lib.p11_kit_uri_parse(uri.encode("utf-8"), lib.P11_KIT_URI_FOR_ANY, handle)
+    rc = lib.p11_kit_uri_parse(raw, lib.P11_KIT_URI_FOR_ANY, handle)
     if rc != lib.P11_KIT_URI_OK:
         reason = ffi.string(lib.p11_kit_uri_message(rc)).decode()
         raise UriError(f"the {what} URI {redact(uri)!r} is malformed: {reason}")
     if lib.p11_kit_uri_any_unrecognized(handle):
         raise UriError(f"the {what} URI {redact(uri)!r} has a value p11-kit does not recognise")
+    # Query values are read back as text (a PIN, a path): they must be UTF-8.
+    for name, get in (("pin-value", lib.p11_kit_uri_get_pin_value), ("pin-source", lib.p11_kit_uri_get_pin_source),
+                      ("module-path", lib.p11_kit_uri_get_module_path)):  # fmt: skip
+        p = get(handle)
+        if p != ffi.NULL:
+            try:
+                ffi.string(p).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UriError(
+                    f"the {what} URI {redact(uri)!r} has a {name} that is not UTF-8 text once percent-decoded"
+                ) from None
     has_obj = any(k in ("object", "id") for k, _ in _split_path(uri))
     return ParsedUri(uri, handle, obj_type, has_obj)
 
