@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Installs what mtls_engine needs on Debian 12/13 (as root), then builds it
 # into .venv.  Safe to re-run: apt runs only when a package is missing.
-#   bash ci/setup.sh --plan   only prints which apt suite gives pkcs11-provider
+#   bash ci/setup.sh --plan     only prints which apt suite gives pkcs11-provider
+#   bash ci/setup.sh --detect   only prints the release, OpenSSL's own engine and
+#                               provider folders, and which PKCS#11 engine and
+#                               providers are installed there (nothing installed)
+# The package names are the same on Debian 12 and 13 (checked against both
+# releases' package lists); only pkcs11-provider's suite differs.  No library
+# folder is written here: OpenSSL says where its engines and providers live.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +34,39 @@ provider_suite() {
 }
 if [ "${1:-}" = "--plan" ]; then
   echo "pkcs11-provider: $(provider_suite)"
+  exit 0
+fi
+
+# A folder OpenSSL reports: openssl version -e prints ENGINESDIR: "<folder>",
+# -m prints MODULESDIR: "<folder>" (OpenSSL 3 only; nothing on 1.1.1).
+openssl_dir() {
+  local flag=$1 out
+  out=$(openssl version "$flag" 2>/dev/null) || return 0
+  out=${out#*: }
+  out=${out#\"}
+  printf '%s\n' "${out%\"}"
+}
+# "path" when that file exists in the folder, else "none".
+present() {
+  if [ -n "$1" ] && [ -e "$1/$2" ]; then echo "$1/$2"; else echo none; fi
+}
+detect() {
+  local engines modules
+  engines=$(openssl_dir -e)
+  modules=$(openssl_dir -m)
+  echo "debian-version: $(cat "$DEBIAN_VERSION_FILE" 2>/dev/null || echo unknown)"
+  echo "pkcs11-provider-suite: $(provider_suite)"
+  echo "openssl: $(openssl version 2>/dev/null || echo none)"
+  echo "enginesdir: ${engines:-none}"
+  echo "modulesdir: ${modules:-none}"
+  echo "libp11-engine: $(present "$engines" pkcs11.so)"
+  # pkcs11-provider installs pkcs11.so; libp11 >= 0.4.14 also builds its own
+  # provider, pkcs11prov.so.  mtls_engine's provider backend loads pkcs11.so.
+  echo "pkcs11-provider: $(present "$modules" pkcs11.so)"
+  echo "libp11-provider: $(present "$modules" pkcs11prov.so)"
+}
+if [ "${1:-}" = "--detect" ]; then
+  detect
   exit 0
 fi
 
@@ -91,3 +130,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[dev]'
 .venv/bin/python -c 'import mtls_engine, ssl; print("== mtls_engine", mtls_engine.__version__, "on", ssl.OPENSSL_VERSION)'
+detect | sed 's/^/== /'

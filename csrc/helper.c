@@ -396,7 +396,6 @@ struct mtls_peer_record {
 struct mtls_ctx_hooks {
     long id;
     int flags; /* MTLS_HOOK_* */
-    int (*previous)(int, X509_STORE_CTX *);
 };
 #define MTLS_HOOK_RULE 1  /* call mtls_py_peer_rule on the verified leaf */
 #define MTLS_HOOK_SCOPE 2 /* client: present the certificate only where mtls_py_present says */
@@ -486,10 +485,14 @@ static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
     X509 *cert = X509_STORE_CTX_get_current_cert(st);
     int depth = X509_STORE_CTX_get_error_depth(st);
 
+    int (*previous)(int, X509_STORE_CTX *);
     if (hooks == NULL)
         return ok;
-    if (hooks->previous != NULL)
-        ok = hooks->previous(ok, st);
+    /* The callback CPython (or anyone) set with SSL_CTX_set_verify, if any,
+       still runs first. */
+    previous = SSL_get_verify_callback(ssl);
+    if (previous != NULL && previous != mtls_verify_cb)
+        ok = previous(ok, st);
     rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
     if (rec == NULL) {
         rec = OPENSSL_zalloc(sizeof(*rec));
@@ -594,6 +597,13 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     mtls_py_rejected(hooks->id, ret & 0xff, ssl_reason, rec, peer);
 }
 
+static int mtls_app_verify(X509_STORE_CTX *st, void *arg)
+{
+    (void)arg;
+    X509_STORE_CTX_set_verify_cb(st, mtls_verify_cb);
+    return X509_verify_cert(st);
+}
+
 /* Client side, when the server asks for a certificate: keep the card's
    certificate and key on this connection only if the server's name (SNI,
    else the name or address being verified) is one the user listed;
@@ -631,12 +641,16 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
         hooks = OPENSSL_zalloc(sizeof(*hooks));
         if (hooks == NULL)
             return 0;
-        hooks->previous = SSL_CTX_get_verify_callback(ctx);
         if (!SSL_CTX_set_ex_data(ctx, mtls_ctx_idx, hooks)) {
             OPENSSL_free(hooks);
             return 0;
         }
-        SSL_CTX_set_verify(ctx, SSL_CTX_get_verify_mode(ctx), mtls_verify_cb);
+        /* Not SSL_CTX_set_verify: CPython 3.13 resets that callback whenever
+           verify_mode is set, which would silently drop the access rule and
+           the reasons.  The chain-verification callback is never touched by
+           CPython; it runs X509_verify_cert with our per-certificate
+           callback on top of whatever verify callback the SSL has. */
+        SSL_CTX_set_cert_verify_callback(ctx, mtls_app_verify, NULL);
         SSL_CTX_set_info_callback(ctx, mtls_info_cb);
     }
     hooks->id = id;
@@ -648,7 +662,8 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
 
 static int mtls_verify_callback_installed(SSL_CTX *ctx)
 {
-    return SSL_CTX_get_verify_callback(ctx) == mtls_verify_cb;
+    struct mtls_ctx_hooks *hooks = mtls_indexes() ? SSL_CTX_get_ex_data(ctx, mtls_ctx_idx) : NULL;
+    return hooks != NULL;
 }
 
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L

@@ -5,6 +5,11 @@ first field after the object header (the documented layout of every CPython
 3.x ``PySSLContext``); this module accepts that candidate only after state
 read through it matches state read *and changed* through the Python API, so a
 different layout, a wrong offset or a foreign object is refused, never used.
+
+The header size comes from ``_lib.check_interpreter`` (run at import):
+``object.__basicsize__``, cross-checked against the build flags (16 bytes on
+64-bit release and debug builds, 32 with Py_TRACE_REFS up to 3.12); PyPy and
+free-threaded builds are refused there before anything is read.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 from typing import Any
 
 from ._errors import InterpreterSslError, NotAnSSLContext
-from ._lib import ffi, lib
+from ._lib import OBJECT_HEADER_SIZE, ffi, lib
 
 # Never touched by mtls_engine otherwise, harmless on any context, and
 # settable and clearable through the Python API: the probe bit we flip.
@@ -30,7 +35,7 @@ _lock = threading.Lock()
 
 
 def _header_size() -> int:
-    return int(object.__basicsize__)
+    return OBJECT_HEADER_SIZE
 
 
 def ssl_ctx_pointer(ctx: object, *, header_size: int | None = None) -> Any:

@@ -38,6 +38,7 @@ _loaded: LoadedKey | None = None
 _present: Iterable[str] | Callable[[str], bool] | None = None
 _carriers: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 _patched_modules: list[tuple[Any, str, Any]] = []
+_original_create_default_context = ssl.create_default_context
 
 
 # ssl.SSLContext's setters call super(SSLContext, SSLContext), looking the
@@ -113,6 +114,18 @@ class _CardContext(ssl.SSLContext):
         _carriers.add(self)
 
 
+def _card_default_context(purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH, **kwargs: Any) -> ssl.SSLContext:
+    """ssl.create_default_context while injected.  Before 3.10 it makes a
+    generic PROTOCOL_TLS context (client or server is decided later), which
+    _CardContext leaves alone; a context made for SERVER_AUTH is a client's."""
+    ctx = _original_create_default_context(purpose, **kwargs)
+    loaded, present = _loaded, _present
+    if purpose == ssl.Purpose.SERVER_AUTH and loaded is not None and present is not None and ctx not in _carriers:
+        attach(ctx, loaded, present_to=present)
+        _carriers.add(ctx)
+    return ctx
+
+
 def _patch_library_references() -> None:
     """Modules that did ``from ssl import SSLContext`` keep the class they
     imported; point those already loaded at the injected one."""
@@ -159,6 +172,7 @@ def inject(
         present_only_to(_original(ssl.PROTOCOL_TLS_CLIENT), present_to)
         _loaded, _present = loaded, present_to
         ssl.SSLContext = _CardContext  # type: ignore[misc]
+        ssl.create_default_context = _card_default_context
         _patch_library_references()
     return loaded.info
 
@@ -171,6 +185,7 @@ def extract() -> None:
         if _loaded is None:
             return
         ssl.SSLContext = _original  # type: ignore[misc]
+        ssl.create_default_context = _original_create_default_context
         for mod, attr, value in _patched_modules:
             setattr(mod, attr, value)
         _patched_modules.clear()

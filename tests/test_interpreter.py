@@ -1,0 +1,315 @@
+"""The interpreter checks that run when mtls_engine is imported.
+
+Each refusal path is exercised here even where no such interpreter exists
+on the machine: the build-flag decisions with stand-in facts and with the
+running interpreter's ``sys``/``sysconfig``/``platform`` patched, and the
+OpenSSL checks with small shared objects compiled here that stand in for an
+``_ssl`` module linked to another OpenSSL or carrying OpenSSL statically.
+The same file runs in every interpreter of the compatibility matrix
+(ci/matrix.py), which also proves the installed copy is the one tested.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import ssl
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import mtls_engine
+from mtls_engine import _lib
+from mtls_engine._context import ssl_ctx_pointer
+from mtls_engine._lib import InterpreterFacts, check_interpreter, check_same_openssl, expected_object_header, lib
+
+from .conftest import need
+from .helpers import run_python
+
+
+def facts(**changes: object) -> InterpreterFacts:
+    """A 64-bit CPython 3.11 release build, with ``changes`` applied."""
+    base: dict[str, object] = dict(
+        implementation="CPython", version=(3, 11), object_header=16, pointer_size=8,
+        debug=False, trace_refs=False, free_threaded=False,
+    )  # fmt: skip
+    base.update(changes)
+    return InterpreterFacts(**base)  # type: ignore[arg-type]
+
+
+# ---- the running interpreter ---------------------------------------------------
+
+
+def test_this_interpreter_is_accepted_with_its_own_header_size() -> None:
+    here = InterpreterFacts.of_this_process()
+    assert here.implementation == "CPython"
+    assert here.version == sys.version_info[:2]
+    assert here.object_header == object.__basicsize__
+    assert check_interpreter() == here.object_header == _lib.OBJECT_HEADER_SIZE
+    assert ssl_ctx_pointer(ssl.create_default_context()) is not None
+
+
+def test_the_tested_copy_is_the_installed_one() -> None:
+    """In the matrix, every interpreter tests its own build installed into its
+    own virtual environment, never the source tree's (an abi3 extension built
+    for one interpreter would load into another)."""
+    from mtls_engine import _binding
+
+    package = Path(mtls_engine.__file__).resolve().parent
+    assert Path(_binding.__file__).resolve().parent == package
+    print(f"mtls_engine from {package}; binding {Path(_binding.__file__).name}")
+    venv = os.environ.get("MTLS_MATRIX_VENV")
+    if venv:
+        assert str(package).startswith(str(Path(venv).resolve()) + os.sep), (package, venv)
+
+
+# ---- build flags: debug, trace-refs, free-threaded, not CPython -------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "header"),
+    [
+        ({}, 16),
+        ({"version": (3, 9)}, 16),
+        ({"version": (3, 13)}, 16),
+        ({"debug": True}, 16),  # Py_DEBUG alone: same header since 3.8
+        ({"trace_refs": True, "object_header": 32, "version": (3, 12)}, 32),  # + _ob_next, _ob_prev
+        ({"trace_refs": True, "debug": True, "object_header": 32, "version": (3, 9)}, 32),
+        ({"trace_refs": True, "version": (3, 13)}, 16),  # 3.13: the trace lives outside the header
+        ({"pointer_size": 4, "object_header": 8}, 8),  # 32-bit
+    ],
+    ids=["release", "3.9", "3.13", "debug", "trace-refs-3.12", "debug-trace-refs-3.9", "trace-refs-3.13", "32-bit"],
+)
+def test_header_size_follows_the_build(changes: dict[str, object], header: int) -> None:
+    f = facts(**changes)
+    assert expected_object_header(f) == header
+    assert check_interpreter(f) == header
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"trace_refs": True, "version": (3, 12)},
+            r"object header is 16 bytes, but a CPython 3\.12 \(trace-refs build\) should have 32: the place of "
+            r"the SSL_CTX .* cannot be predicted, so mtls_engine refuses to read it\. Use a standard release",
+        ),
+        ({"object_header": 24}, r"object header is 24 bytes, but a CPython 3\.11 \(release build\) should have 16"),
+        (
+            {"free_threaded": True, "version": (3, 13), "object_header": 32},
+            r"free-threaded CPython \(CPython 3\.13 \(free-threaded build\), built with Py_GIL_DISABLED\).*refuses "
+            r"to touch the SSL_CTX\. Run it with the regular build of the same version \(for example python3\.13 "
+            r"instead of python3\.13t\)",
+        ),
+        ({"implementation": "PyPy"}, r"mtls_engine needs CPython.*PyPy's ssl module.*Run this program with CPython"),
+    ],
+    ids=["trace-refs-header-missing", "unknown-header", "free-threaded", "pypy"],
+)
+def test_refused_builds(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(mtls_engine.InterpreterSslError, match=message):
+        check_interpreter(facts(**changes))
+
+
+def test_trace_refs_is_detected_from_sys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sys.getobjects exists only in Py_TRACE_REFS builds.  Claimed on this
+    release build, the header no longer matches the flags up to 3.12 (so
+    the import would refuse); 3.13 changed nothing in the header."""
+    monkeypatch.setattr(sys, "getobjects", lambda *a: [], raising=False)
+    here = InterpreterFacts.of_this_process()
+    assert here.trace_refs
+    if sys.version_info < (3, 13):
+        with pytest.raises(mtls_engine.InterpreterSslError, match="trace-refs build"):
+            check_interpreter()
+    else:
+        assert check_interpreter() == 16
+
+
+def test_debug_build_is_detected_from_sys_and_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "gettotalrefcount", lambda: 0, raising=False)
+    here = InterpreterFacts.of_this_process()
+    assert here.debug and "debug" in here.describe()
+    assert check_interpreter() == object.__basicsize__
+
+
+def test_free_threaded_build_is_detected_from_sysconfig(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: 1 if name == "Py_GIL_DISABLED" else real(name))
+    assert InterpreterFacts.of_this_process().free_threaded
+    with pytest.raises(mtls_engine.InterpreterSslError, match="free-threaded"):
+        check_interpreter()
+
+
+def test_free_threaded_build_is_detected_from_abiflags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "abiflags", "t", raising=False)
+    assert InterpreterFacts.of_this_process().free_threaded
+
+
+def test_other_implementation_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "python_implementation", lambda: "PyPy")
+    with pytest.raises(mtls_engine.InterpreterSslError, match="needs CPython"):
+        check_interpreter()
+
+
+def test_a_trace_refs_header_assumed_on_this_build_is_refused_not_used() -> None:
+    """What the pointer validation does if a header size were ever wrong:
+    the SSL_CTX candidate 32 bytes in (a trace-refs or free-threaded header)
+    is not this context's, and it is refused before anything is written."""
+    ctx = ssl.create_default_context()
+    options = ctx.options
+    for wrong in (32, 24, 8):
+        if wrong == object.__basicsize__:
+            continue
+        with pytest.raises(mtls_engine.InterpreterSslError, match="cannot find the OpenSSL SSL_CTX"):
+            ssl_ctx_pointer(ctx, header_size=wrong)
+    assert ctx.options == options
+
+
+# The refusals happen at import, before the extension is loaded.
+_IMPORT = """
+import sys
+{prepare}
+try:
+    import mtls_engine
+except Exception as exc:
+    print(type(exc).__module__, type(exc).__name__)
+    print(exc)
+    print("binding loaded:", "mtls_engine._binding" in sys.modules)
+else:
+    print("imported")
+"""
+
+_PREPARE = {
+    "free-threaded": (
+        "import sysconfig\n_real = sysconfig.get_config_var\n"
+        "sysconfig.get_config_var = lambda n: 1 if n == 'Py_GIL_DISABLED' else _real(n)"
+    ),
+    "pypy": "import platform\nplatform.python_implementation = lambda: 'PyPy'",
+    "trace-refs": "sys.getobjects = lambda *a: []",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PREPARE))
+def test_import_refuses_before_loading_the_extension(case: str) -> None:
+    if case == "trace-refs" and sys.version_info >= (3, 13):
+        pytest.skip("3.13 trace-refs builds keep the normal header: nothing to refuse")
+    proc = run_python(_IMPORT.format(prepare=_PREPARE[case]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mtls_engine._errors InterpreterSslError", proc.stdout
+    assert lines[-1] == "binding loaded: False"
+
+
+# ---- which OpenSSL: another library, or one linked statically into _ssl -----------
+
+_FAKE_OPENSSL = r"""
+void *SSL_CTX_new(const void *method) { (void)method; return 0; }
+unsigned long OpenSSL_version_num(void) { return 0x30000000UL; }
+"""
+
+_SSL_LINKED_TO_FAKE = r"""
+void *SSL_CTX_new(const void *method);
+void *mtls_test_uses(void) { return (void *)&SSL_CTX_new; }
+"""
+
+_SSL_STATIC_HIDDEN = r"""
+__attribute__((visibility("hidden"))) void *SSL_CTX_new(const void *m) { (void)m; return 0; }
+__attribute__((visibility("hidden"))) unsigned long OpenSSL_version_num(void) { return 0x30000000UL; }
+void *mtls_test_uses(void) { return (void *)&SSL_CTX_new; }
+"""
+
+
+class StandIns:
+    """Shared objects standing in for ``_ssl`` modules, loaded (RTLD_LOCAL,
+    as Python loads extension modules) so the check can look into them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._keep: list[ctypes.CDLL] = []
+
+    def build(self, name: str, source: str, *link: str) -> str:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        need(cc is not None, "a C compiler (Debian: gcc) builds the stand-in _ssl modules")
+        assert cc is not None
+        src = self.folder / (name + ".c")
+        src.write_text(source)
+        out = self.folder / name
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(out), str(src), *link], check=True)
+        self._keep.append(ctypes.CDLL(str(out)))
+        return str(out)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandIns]:
+    yield StandIns(tmp_path_factory.mktemp("fake-ssl"))
+
+
+@pytest.fixture(scope="module")
+def ssl_with_other_openssl(stand_ins: StandIns) -> str:
+    """An _ssl linked to another libssl (same version number as ours)."""
+    stand_ins.build("libssl.so.99", _FAKE_OPENSSL, "-Wl,-soname,libssl.so.99")
+    folder = str(stand_ins.folder)
+    return stand_ins.build(
+        "_ssl_other.so", _SSL_LINKED_TO_FAKE, f"-L{folder}", "-l:libssl.so.99", f"-Wl,-rpath,{folder}",
+        "-Wl,--no-as-needed",
+    )  # fmt: skip
+
+
+def test_the_real_ssl_module_shares_our_openssl() -> None:
+    check_same_openssl()  # what the import did, again
+
+
+def test_ssl_module_linked_to_another_openssl(ssl_with_other_openssl: str) -> None:
+    with pytest.raises(mtls_engine.InterpreterSslError) as e:
+        check_same_openssl(ssl_with_other_openssl, version=lib.OpenSSL_version_num())
+    msg = str(e.value)
+    assert f"the ssl module ({ssl_with_other_openssl}) uses another OpenSSL than mtls_engine" in msg
+    assert f"SSL_CTX_new comes from {Path(ssl_with_other_openssl).parent}/libssl.so.99" in msg
+    assert "but mtls_engine is linked to " in msg and "libssl.so" in msg.rsplit("linked to ", 1)[1]
+    assert "rebuild mtls_engine with the Python that runs it" in msg
+
+
+def test_ssl_module_with_static_openssl_exported(stand_ins: StandIns) -> None:
+    """OpenSSL linked into _ssl with its symbols visible: found in _ssl itself."""
+    path = stand_ins.build("_ssl_static.so", _FAKE_OPENSSL)
+    with pytest.raises(mtls_engine.InterpreterSslError) as e:
+        check_same_openssl(path, version=lib.OpenSSL_version_num())
+    assert str(e.value).startswith(
+        f"the ssl module ({path}) has its own copy of OpenSSL linked in statically (SSL_CTX_new is in {path})"
+    )
+    assert "links libssl/libcrypto as shared libraries" in str(e.value)
+
+
+def test_ssl_module_with_static_openssl_hidden(stand_ins: StandIns) -> None:
+    path = stand_ins.build("_ssl_static_hidden.so", _SSL_STATIC_HIDDEN)
+    with pytest.raises(mtls_engine.InterpreterSslError, match=r"does not use a shared OpenSSL: SSL_CTX_new is not "):
+        check_same_openssl(path, version=lib.OpenSSL_version_num())
+
+
+def test_a_real_module_with_static_openssl() -> None:
+    """cryptography's wheels link their own OpenSSL into _rust statically:
+    a real module of the kind the check must refuse."""
+    from cryptography.hazmat.bindings import _rust
+
+    path = getattr(_rust, "__file__", None)
+    if path is None or not os.path.exists(path):
+        pytest.skip("cryptography's _rust module is built into this interpreter")
+    with pytest.raises(mtls_engine.InterpreterSslError, match="statically"):
+        check_same_openssl(path)
+
+
+def test_import_refuses_another_openssl(ssl_with_other_openssl: str) -> None:
+    """The same check wired into the import: an _ssl whose OpenSSL is not
+    the extension's stops ``import mtls_engine``."""
+    fake = ssl_with_other_openssl
+    prepare = f"import ctypes, _ssl\n_keep = ctypes.CDLL({fake!r})\n_ssl.__file__ = {fake!r}"
+    proc = run_python(_IMPORT.format(prepare=prepare))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mtls_engine._errors InterpreterSslError", proc.stdout
+    assert "uses another OpenSSL than mtls_engine" in lines[1]
