@@ -15,6 +15,11 @@ __all__ = ["conf_value", "engine_section", "openssl_cnf", "provider_section"]
 # process that made one handshake then dies with SIGSEGV (status 139).
 PROVIDER_QUIRKS = "no-deinit"
 
+# pkcs11-provider 1.0 keeps at most 5 sessions (the login session
+# included): with 4 threads signing at once it closes and reopens a session
+# on a quarter of the handshakes, for ever (measured by the benchmark).
+PROVIDER_SESSIONS = 16
+
 # In a configuration written for both backends, this environment variable
 # picks one: "provider" (the default) or "engine".
 SELECTOR_ENV = "MTLS_ENGINE_BACKEND"
@@ -51,6 +56,7 @@ def provider_section(section: str, provider_so: str, module: str, pin_source: st
         f"module = {conf_value(provider_so, 'provider path')}",
         f"pkcs11-module-path = {conf_value(module, 'module path')}",
         f"pkcs11-module-quirks = {PROVIDER_QUIRKS}",
+        f"pkcs11-module-cache-sessions = {PROVIDER_SESSIONS}",
     ]
     pin = pin_source_value(pin_source)
     if pin is not None:

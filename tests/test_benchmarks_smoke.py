@@ -30,7 +30,6 @@ SCRIPT = ROOT / "benchmarks" / "handshake.py"
 # closes a session after most of them and opens another for the next, and the
 # call check catches it.  mtls_engine's provider configuration does not raise
 # that limit yet (see docs/benchmarks.md); remove this once it does.
-PROVIDER_SESSION_CHURN = "pkcs11-provider churns sessions with 4 concurrent signatures (pkcs11-module-cache-sessions)"
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,6 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Complete
     return proc, json.loads(json_file.read_text()), out
 
 
-def _churn_expected() -> bool:
-    return STATUS["provider"]()[0] and spy_module() is not None
-
-
-@pytest.mark.xfail(condition=_churn_expected(), reason=PROVIDER_SESSION_CHURN, strict=True)
 def test_quick_run_exits_zero(quick: tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]) -> None:
     proc, _, _ = quick
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,7 +71,7 @@ def _number(x: object) -> bool:
 
 def test_results_are_well_formed(quick: tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]) -> None:
     _, result, out = quick
-    for key in ("schema", "quick", "machine", "setup", "handshakes", "ratios", "signing", "token_extra_ms", "s_time",
+    for key in ("schema", "quick", "machine", "setup", "handshakes", "ratios", "signing", "soft_sign_ms", "s_time",
                 "calls", "cold_start", "import_profile", "slow_card", "targets", "duration_s"):  # fmt: skip
         assert key in result, key
     assert result["quick"] is True
@@ -117,7 +111,7 @@ def test_results_are_well_formed(quick: tuple[subprocess.CompletedProcess[str], 
         ("engine", 1),
         ("engine", 4),
         ("provider", 1),
-        pytest.param("provider", 4, marks=pytest.mark.xfail(reason=PROVIDER_SESSION_CHURN, strict=True)),
+        ("provider", 4),
     ],
 )
 def test_one_signature_and_nothing_else_per_handshake(
