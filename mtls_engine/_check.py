@@ -50,8 +50,8 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
-from ._lib import ffi, lib, text
-from ._p11 import KeyObject, Module, TokenInfo
+from ._lib import consume_errors, ffi, lib, text
+from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._uri import ParsedUri, format_uri, parse
 
@@ -307,7 +307,7 @@ class Checker:
         try:
             key = self.key = self.mod.find_private_key(self.token, self.uri)
         except (ObjectNotFound, AmbiguousUri) as exc:
-            keys = self.mod.find_objects(self.token.slot_id, [(lib.CKA_CLASS, _ulong(lib.CKO_PRIVATE_KEY))])
+            keys = self.mod.find_objects(self.token.slot_id, [(lib.CKA_CLASS, ulong_bytes(lib.CKO_PRIVATE_KEY))])
             uris = [_backends.key_uri(self.token, self.mod.describe(self.token.slot_id, h)) for h in keys]
             hint = _hint_for(exc)
             if uris and self.key_text is None:
@@ -487,8 +487,6 @@ class Checker:
         siglen = ffi.new("size_t *", 1024)
         lib.ERR_clear_error()
         if not lib.mtls_test_sign(self.pkey, b"SHA256", int(pss), data, len(data), sig, siglen):
-            from ._lib import consume_errors
-
             errors = consume_errors()
             st.fail(
                 f"the card did not make a {algorithm}-SHA256 signature ({'; '.join(errors) or 'no detail'})",
@@ -597,10 +595,6 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"--connect wants HOST:PORT, not {text!r}")
     return host.strip("[]"), int(port)
-
-
-def _ulong(value: int) -> bytes:
-    return bytes(ffi.buffer(ffi.new("unsigned long *", value)))
 
 
 # -- output ---------------------------------------------------------------------

@@ -23,8 +23,8 @@ from ._backends import key_uri
 from ._check import pin_state, token_uri
 from ._cliutil import add_card_arguments, cli_pin
 from ._errors import ModuleLoadError
-from ._lib import ffi, lib
-from ._p11 import KeyObject, Module, TokenInfo, _pad
+from ._lib import lib
+from ._p11 import KeyObject, Module, TokenInfo, _pad, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._uri import parse
 
@@ -35,10 +35,6 @@ _CLASSES = (
     ("private_key", lib.CKO_PRIVATE_KEY),
     ("public_key", lib.CKO_PUBLIC_KEY),
 )
-
-
-def _ulong(value: int) -> bytes:
-    return bytes(ffi.buffer(ffi.new("unsigned long *", value)))
 
 
 def _version(v: Any) -> str:
@@ -98,7 +94,7 @@ def _key(mod: Module, token: TokenInfo, handle: int, cls: str) -> dict[str, Any]
 def _objects(mod: Module, token: TokenInfo) -> list[dict[str, Any]]:
     out = []
     for cls, value in _CLASSES:
-        for h in mod.find_objects(token.slot_id, [(lib.CKA_CLASS, _ulong(value))]):
+        for h in mod.find_objects(token.slot_id, [(lib.CKA_CLASS, ulong_bytes(value))]):
             out.append(_certificate(mod, token, h) if cls == "certificate" else _key(mod, token, h, cls))
     return out
 

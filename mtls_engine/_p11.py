@@ -376,10 +376,10 @@ class Module:
     def find_private_key(self, token: TokenInfo, uri: ParsedUri) -> KeyObject:
         """The one private key the URI names on ``token``."""
         template = [(t, v) for t, v in uri.object_template() if t != lib.CKA_CLASS]
-        template.append((lib.CKA_CLASS, _ulong(lib.CKO_PRIVATE_KEY)))
+        template.append((lib.CKA_CLASS, ulong_bytes(lib.CKO_PRIVATE_KEY)))
         handles = self.find_objects(token.slot_id, template)
         if not handles:
-            others = self.find_objects(token.slot_id, [(lib.CKA_CLASS, _ulong(lib.CKO_PRIVATE_KEY))])
+            others = self.find_objects(token.slot_id, [(lib.CKA_CLASS, ulong_bytes(lib.CKO_PRIVATE_KEY))])
             listing = ", ".join(_show(self.describe(token.slot_id, h)) for h in others) or "none"
             raise ObjectNotFound(
                 f"no private key matches {uri.describe_object()} on {token}; private keys "
@@ -396,7 +396,7 @@ class Module:
     def certificates(self, slot_id: int, template: list[tuple[int, bytes]]) -> list[bytes]:
         """DER of every certificate matching the template."""
         template = [(t, v) for t, v in template if t != lib.CKA_CLASS]
-        template.append((lib.CKA_CLASS, _ulong(lib.CKO_CERTIFICATE)))
+        template.append((lib.CKA_CLASS, ulong_bytes(lib.CKO_CERTIFICATE)))
         out = []
         for h in self.find_objects(slot_id, template):
             der = self.attribute(slot_id, h, lib.CKA_VALUE)
@@ -462,7 +462,8 @@ class Module:
             return {int(mechs[i]) for i in range(n[0])}
 
 
-def _ulong(value: int) -> bytes:
+def ulong_bytes(value: int) -> bytes:
+    """A CK_ULONG attribute value, as the module expects it in a template."""
     return bytes(ffi.buffer(ffi.new("unsigned long *", value)))
 
 
