@@ -4,6 +4,7 @@
 #endif
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -156,6 +157,91 @@ static UI_METHOD *mtls_refusing_ui(void)
         method = m;
     }
     return method;
+}
+
+/* OpenSSL's default UI, with PIN prompts taken out.  pkcs11-provider asks
+   for a PIN through the default UI whenever it finds a token logged out
+   (after a fork re-initialised the module, after a token came back) and
+   would then try whatever was typed: behind mtls_engine's lockout guard,
+   or hanging a server on a terminal nobody watches.  Every prompt that
+   asks for a "PIN" fails instead, with a reason on the error queue; every
+   other prompt (a PEM pass phrase, say) goes to the UI that was the
+   default before, unchanged. */
+static const UI_METHOD *mtls_ui_previous = NULL;
+
+#define MTLS_PIN_PROMPT_REFUSED \
+    "mtls_engine: a PKCS#11 backend asked for a PIN on its own (the token's login was lost); " \
+    "refused: mtls_engine logs in itself, once"
+
+static int mtls_is_pin_prompt(UI_STRING *uis)
+{
+    const char *text = UI_get0_output_string(uis);
+    enum UI_string_types type = UI_get_string_type(uis);
+    return (type == UIT_PROMPT || type == UIT_VERIFY) && text != NULL && strstr(text, "PIN") != NULL;
+}
+
+static int mtls_ui_open(UI *ui)
+{
+    int (*f)(UI *) = UI_method_get_opener(mtls_ui_previous);
+    return f == NULL ? 1 : f(ui);
+}
+
+static int mtls_ui_write(UI *ui, UI_STRING *uis)
+{
+    int (*f)(UI *, UI_STRING *) = UI_method_get_writer(mtls_ui_previous);
+    if (mtls_is_pin_prompt(uis))
+        return 1; /* say nothing: the reader refuses */
+    return f == NULL ? 1 : f(ui, uis);
+}
+
+static int mtls_ui_flush(UI *ui)
+{
+    int (*f)(UI *) = UI_method_get_flusher(mtls_ui_previous);
+    return f == NULL ? 1 : f(ui);
+}
+
+static int mtls_ui_read(UI *ui, UI_STRING *uis)
+{
+    int (*f)(UI *, UI_STRING *) = UI_method_get_reader(mtls_ui_previous);
+    if (mtls_is_pin_prompt(uis)) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        ERR_raise_data(ERR_LIB_USER, ERR_R_OPERATION_FAIL, "%s", MTLS_PIN_PROMPT_REFUSED);
+#else
+        ERR_put_error(ERR_LIB_USER, 0, ERR_R_OPERATION_FAIL, __FILE__, __LINE__);
+        ERR_add_error_data(1, MTLS_PIN_PROMPT_REFUSED);
+#endif
+        return 0;
+    }
+    return f == NULL ? 1 : f(ui, uis);
+}
+
+static int mtls_ui_close(UI *ui)
+{
+    int (*f)(UI *) = UI_method_get_closer(mtls_ui_previous);
+    return f == NULL ? 1 : f(ui);
+}
+
+/* Installs the guard as OpenSSL's default UI (once).  1 on success. */
+static int mtls_guard_pin_prompts(void)
+{
+    static UI_METHOD *guard = NULL;
+    const UI_METHOD *current = UI_get_default_method();
+    if (guard != NULL && current == guard)
+        return 1;
+    if (guard == NULL) {
+        UI_METHOD *m = UI_create_method("mtls_engine: no PKCS#11 PIN prompts");
+        if (m == NULL)
+            return 0;
+        UI_method_set_opener(m, mtls_ui_open);
+        UI_method_set_writer(m, mtls_ui_write);
+        UI_method_set_flusher(m, mtls_ui_flush);
+        UI_method_set_reader(m, mtls_ui_read);
+        UI_method_set_closer(m, mtls_ui_close);
+        guard = m;
+    }
+    mtls_ui_previous = current != NULL ? current : UI_OpenSSL();
+    UI_set_default_method(guard);
+    return 1;
 }
 
 /* ---- engine backend ------------------------------------------------- */
@@ -317,6 +403,21 @@ static int mtls_provider_loaded(const char *name)
     return OSSL_PROVIDER_available(NULL, name);
 }
 
+/* Opens and closes a store on the "pkcs11:" scheme: any call into
+   pkcs11-provider runs its pending work first, and in a forked child that
+   is re-initialising the PKCS#11 module (C_Finalize, C_Initialize), which
+   logs every session out.  Doing it here, before mtls_engine logs in
+   again, keeps that from happening later under a handshake.  Touches no
+   key and needs no login.  1 when the store opened. */
+static int mtls_provider_wake(void)
+{
+    OSSL_STORE_CTX *store = OSSL_STORE_open_ex("pkcs11:", NULL, NULL, mtls_refusing_ui(), NULL, NULL, NULL, NULL);
+    if (store == NULL)
+        return 0;
+    OSSL_STORE_close(store);
+    return 1;
+}
+
 #else
 
 static int mtls_apply_config(const char *text, long *error_line)
@@ -338,6 +439,11 @@ static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
 static int mtls_provider_loaded(const char *name)
 {
     (void)name;
+    return 0;
+}
+
+static int mtls_provider_wake(void)
+{
     return 0;
 }
 

@@ -9,6 +9,9 @@ const char *mtls_library_of(void *);
 int mtls_readable(const void *, size_t);
 SSL_CTX *mtls_ctx_candidate(uintptr_t, size_t);
 
+/* PIN prompts: OpenSSL's default UI refuses PKCS#11 PIN prompts */
+int mtls_guard_pin_prompts(void);
+
 /* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
 ENGINE *mtls_engine_open(const char *, const char *);
 EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *);
@@ -20,6 +23,7 @@ int mtls_apply_config(const char *, long *);
 void mtls_activate_fallbacks(void);
 EVP_PKEY *mtls_store_load_private_key(const char *, int *);
 int mtls_provider_loaded(const char *);
+int mtls_provider_wake(void);
 
 /* check: one signature through the loaded key */
 int mtls_test_sign(EVP_PKEY *, const char *, int, const unsigned char *, size_t, unsigned char *, size_t *);

@@ -7,15 +7,18 @@ pkcs11-provider (OpenSSL >= 3.0.7, and the only way on OpenSSL 4).
 
 from __future__ import annotations
 
+import logging
 import os
-import threading
 from typing import Any
 
+from . import _fork
 from ._config import provider_section
 from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
 from ._lib import consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
 from ._uri import format_uri
+
+log = logging.getLogger("mtls_engine")
 
 BACKENDS = ("engine", "provider")
 
@@ -130,7 +133,7 @@ class _EngineBackend:
 
     def __init__(self) -> None:
         self._engines: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = _fork.ForkSafeLock()
 
     def engine(self, module: Module) -> Any:
         with self._lock:
@@ -139,6 +142,7 @@ class _EngineBackend:
                 path = engine_path()
                 if path is None:
                     raise BackendUnavailable(engine_status()[1])
+                _guard_pin_prompts()
                 lib.ERR_clear_error()
                 e = lib.mtls_engine_open(path.encode(), module.path.encode())
                 if e == ffi.NULL:
@@ -175,7 +179,7 @@ class _ProviderBackend:
 
     def __init__(self) -> None:
         self._module: str | None = None
-        self._lock = threading.Lock()
+        self._lock = _fork.ForkSafeLock()
         # One EVP_PKEY per token key, loaded once: pkcs11-provider keeps a
         # session copy of a key it has used, which a second search would
         # find as well.
@@ -198,6 +202,7 @@ class _ProviderBackend:
             ok, path = provider_status()
             if not ok:
                 raise BackendUnavailable(path)
+            _guard_pin_prompts()
             # Keep the providers OpenSSL would use anyway (configured or the
             # built-in default) active: adding a provider before any was
             # used would switch the automatic default off.
@@ -244,8 +249,36 @@ class _ProviderBackend:
         return ffi.gc(pkey, lib.EVP_PKEY_free)
 
 
+def _guard_pin_prompts() -> None:
+    """Before a backend is loaded: no PKCS#11 PIN prompt through OpenSSL's
+    default UI (csrc/helper.c, mtls_guard_pin_prompts).  mtls_engine logs
+    in itself; a backend that finds its token logged out must fail, not ask
+    a terminal and try what it is given."""
+    if not lib.mtls_guard_pin_prompts():
+        raise BackendUnavailable("cannot install mtls_engine's PIN prompt guard (OpenSSL UI_create_method failed)")
+
+
 ENGINE = _EngineBackend()
 PROVIDER = _ProviderBackend()
+
+
+def _after_fork() -> None:
+    """In a forked child (see _fork): pkcs11-provider re-initialises its
+    module at its first call, so make that call now; then every module
+    initialises for this process and its tokens log in again."""
+    by_provider = PROVIDER.module
+    if by_provider is not None and not lib.mtls_provider_wake():
+        log.warning("after fork (pid %d): pkcs11-provider did not answer: %s", os.getpid(),
+                    "; ".join(consume_errors()) or "no reason given")  # fmt: skip
+    consume_errors()
+    for mod in list(Module._cache.values()):
+        try:
+            mod.after_fork(reinitialized=mod.path == by_provider)
+        except Exception as exc:
+            log.warning("after fork (pid %d): %s: %s", os.getpid(), mod.path, exc)
+
+
+_fork.in_child("logging in to the card again", _after_fork)
 
 
 def load_private_key(backend: str, module: Module, token: TokenInfo, key: KeyObject) -> Any:

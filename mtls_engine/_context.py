@@ -15,10 +15,10 @@ free-threaded builds are refused there before anything is read.
 from __future__ import annotations
 
 import ssl
-import threading
 from typing import Any
 
 from ._errors import InterpreterSslError, NotAnSSLContext
+from ._fork import ForkSafeLock
 from ._lib import OBJECT_HEADER_SIZE, ffi, lib
 
 # Never touched by mtls_engine otherwise, harmless on any context, and
@@ -31,7 +31,7 @@ _VERIFY_MODES = {
     ssl.CERT_REQUIRED: 3,  # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
 }
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 
 
 def _header_size() -> int:

@@ -112,9 +112,11 @@ class CertificateError(Error, ValueError):
 class Pkcs11Error(Error):
     """A PKCS#11 call failed with a code no more specific class covers."""
 
-    def __init__(self, message: str, rv: int | None = None) -> None:
+    def __init__(self, message: str, rv: int | None = None, call: str | None = None) -> None:
         super().__init__(message)
         self.rv = rv
+        self.call = call
+        self.retry_safe = False
 
 
 class OpenSSLError(Error):

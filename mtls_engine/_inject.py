@@ -20,19 +20,19 @@ from __future__ import annotations
 import os
 import ssl
 import sys
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._api import CardKey, LoadedKey, attach, resolve_card_key
 from ._errors import ConfigError
+from ._fork import ForkSafeLock
 from ._pin import PinArg
 from ._server import present_only_to
 
 __all__ = ["extract", "inject", "injected"]
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _original: type[ssl.SSLContext] = ssl.SSLContext
 _loaded: LoadedKey | None = None
 _present: Iterable[str] | Callable[[str], bool] | None = None

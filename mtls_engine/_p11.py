@@ -14,7 +14,7 @@ session would log the token out.
 from __future__ import annotations
 
 import os
-import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from ._errors import (
     Pkcs11Error,
     TokenNotFound,
 )
+from ._fork import ForkSafeLock
 from ._lib import ffi, lib
 from ._uri import ParsedUri
 
@@ -95,18 +96,24 @@ class KeyObject:
     key_type: int
 
 
+AFTER_FORK_PATIENCE = 2.0  # seconds
+
+
 class Module:
     """One loaded, initialised PKCS#11 module (cached per path, never
     finalised: the backend shares it)."""
 
     _cache: ClassVar[dict[str, Module]] = {}
-    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+    _cache_lock: ClassVar[ForkSafeLock] = ForkSafeLock()
 
     def __init__(self, path: str, functions: Any) -> None:
         self.path = path
         self.fl = functions
-        self._lock = threading.RLock()
+        self._lock = ForkSafeLock(reentrant=True)
         self._sessions: dict[int, int] = {}
+        # Tokens logged in through this module, with how: a forked child
+        # logs them in again the same way (see after_fork).
+        self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytes | None], Any, bool]] = {}
         info = ffi.new("CK_INFO *")
         self._check(self.fl.C_GetInfo(info), "C_GetInfo")
         self.info = info
@@ -135,9 +142,7 @@ class Module:
                     f"cannot load PKCS#11 module {path!r}: {detail}; check that it is a PKCS#11 "
                     "library for this machine's architecture and that its dependencies are installed"
                 )
-            args = ffi.new("CK_C_INITIALIZE_ARGS *")
-            args.flags = lib.CKF_OS_LOCKING_OK
-            rv = fl.C_Initialize(args)
+            rv = _initialize(fl)
             if rv not in (lib.CKR_OK, lib.CKR_CRYPTOKI_ALREADY_INITIALIZED):
                 raise ModuleLoadError(
                     f"PKCS#11 module {path!r} failed to initialise ({ckr(rv)}); check its "
@@ -151,7 +156,8 @@ class Module:
 
     def _check(self, rv: int, call: str, what: str = "") -> None:
         if rv != lib.CKR_OK:
-            raise Pkcs11Error(f"{call} failed with {ckr(rv)}{' ' + what if what else ''} (module {self.path})", rv)
+            detail = f" {what}" if what else ""
+            raise Pkcs11Error(f"{call} failed with {ckr(rv)}{detail} (module {self.path})", rv, call)
 
     def tokens(self) -> list[TokenInfo]:
         """Every slot with a token present."""
@@ -240,6 +246,18 @@ class Module:
     ) -> None:
         """Log the token in, at most one C_Login, only when it is safe."""
         with self._lock:
+            self._login(token, get_pin, pin_memory, allow_final_try)
+            self._logins.setdefault(token.slot_id, (token, get_pin, pin_memory, allow_final_try))
+
+    def _login(
+        self,
+        token: TokenInfo,
+        get_pin: Callable[[TokenInfo], bytes | None],
+        pin_memory: Any,
+        allow_final_try: bool,
+        again: bool = False,
+    ) -> None:
+        with self._lock:
             if self.logged_in(token.slot_id):
                 return
             fresh = self.token_info(token.slot_id)
@@ -263,6 +281,7 @@ class Module:
                     PinWarning,
                     stacklevel=4,
                 )
+            known_good: bool | None = None
             if fresh.protected_authentication_path:
                 pin = None  # pinpad reader: the PIN is entered on the reader
             else:
@@ -278,6 +297,13 @@ class Module:
                         f"{fresh} already rejected this PIN in this process; mtls_engine will "
                         "not offer it again (each wrong try brings the card closer to locking)"
                     )
+                known_good = again and pin_memory.compare_accepted(fresh, pin)
+                if again and known_good is False:
+                    raise PinIncorrect(
+                        f"{fresh} must log in again in this forked process, and the PIN source now "
+                        "gives another PIN than the one that logged it in before; mtls_engine did "
+                        "not try it (every worker would spend a try). Fix the PIN source and restart"
+                    )
             session = self.session(token.slot_id)
             if pin is None:
                 rv = self.fl.C_Login(session, lib.CKU_USER, ffi.NULL, 0)
@@ -288,6 +314,8 @@ class Module:
                 finally:
                     ffi.memmove(buf, b"\x00" * len(pin), len(pin))
             if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
+                if pin is not None and rv == lib.CKR_OK:
+                    pin_memory.accepted(fresh, pin)
                 return
             if rv == lib.CKR_PIN_INCORRECT:
                 if pin is not None:
@@ -308,7 +336,54 @@ class Module:
                 raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
             if rv == lib.CKR_PIN_LEN_RANGE:
                 raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
-            self._check(rv, "C_Login", f"on {fresh}")
+            try:
+                self._check(rv, "C_Login", f"on {fresh}")
+            except Pkcs11Error as exc:
+                # Not a PIN verdict, and the very PIN that logged in before:
+                # trying it again cannot cost a try (see after_fork).
+                exc.retry_safe = bool(known_good)
+                raise
+
+    def after_fork(self, reinitialized: bool) -> None:
+        """In a forked child: forget the parent's sessions, initialise the
+        module for this process (``reinitialized``: a backend just did, with
+        C_Finalize and C_Initialize), and log in again every token that was
+        logged in, with the PIN source used before.  A token still logged in
+        (a module whose state survived the fork) costs no C_Login."""
+        with self._lock:
+            self._sessions.clear()
+            if not reinitialized:
+                self._initialize_in_child()
+            for token, get_pin, pin_memory, allow_final_try in list(self._logins.values()):
+                # A module re-initialising in several children at once can
+                # miss its token (measured: SoftHSM2 in 1 child out of 6 finds
+                # no token while the others log in and write its file).  Look
+                # again for up to AFTER_FORK_PATIENCE seconds; where a backend
+                # already re-initialised the module, initialise it afresh
+                # (nothing of the backend's is open yet).  After a failed
+                # C_Login only when it was no PIN verdict for the PIN that
+                # logged in before the fork (SoftHSM2 answers such a race
+                # with CKR_GENERAL_ERROR too).
+                deadline = time.monotonic() + AFTER_FORK_PATIENCE
+                pause = 0.01
+                while True:
+                    try:
+                        self._login(token, get_pin, pin_memory, allow_final_try, again=True)
+                        break
+                    except Pkcs11Error as exc:
+                        if (exc.call == "C_Login" and not exc.retry_safe) or time.monotonic() + pause > deadline:
+                            raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.2)
+                    self._sessions.clear()
+                    if reinitialized:
+                        self.fl.C_Finalize(ffi.NULL)
+                    self._initialize_in_child()
+
+    def _initialize_in_child(self) -> None:
+        rv = _initialize(self.fl)
+        if rv not in (lib.CKR_OK, lib.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise Pkcs11Error(f"C_Initialize failed with {ckr(rv)} in a forked child (module {self.path})", rv)
 
     # -- objects -----------------------------------------------------------
 
@@ -460,6 +535,12 @@ class Module:
             if self.fl.C_GetMechanismList(slot_id, mechs, n) != lib.CKR_OK:
                 return set()
             return {int(mechs[i]) for i in range(n[0])}
+
+
+def _initialize(fl: Any) -> int:
+    args = ffi.new("CK_C_INITIALIZE_ARGS *")
+    args.flags = lib.CKF_OS_LOCKING_OK
+    return int(fl.C_Initialize(args))
 
 
 def ulong_bytes(value: int) -> bytes:

@@ -2,7 +2,8 @@
 
 A PIN is held as bytes only as long as the login needs it.  A rejected PIN
 is remembered as a keyed hash (key random per process), so the same wrong
-PIN is never sent to the same card twice, whoever asks.
+PIN is never sent to the same card twice, whoever asks.  So is the PIN that
+logged a token in: a forked child logs in again only with that PIN.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import hmac
 import os
 import re
 import sys
-import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import Union
 
 from ._errors import PinError, PinRequired
+from ._fork import ForkSafeLock
 from ._p11 import TokenInfo
 from ._uri import ParsedUri
 
@@ -29,7 +30,8 @@ class PinMemory:
     def __init__(self) -> None:
         self._key = os.urandom(32)
         self._rejected: set[bytes] = set()
-        self._lock = threading.Lock()
+        self._accepted: dict[bytes, bytes] = {}  # token digest -> PIN digest
+        self._lock = ForkSafeLock()
 
     def _digest(self, token: TokenInfo, pin: bytes) -> bytes:
         ident = "\x00".join((token.manufacturer, token.model, token.serial, token.label)).encode()
@@ -42,6 +44,18 @@ class PinMemory:
     def remember(self, token: TokenInfo, pin: bytes) -> None:
         with self._lock:
             self._rejected.add(self._digest(token, pin))
+
+    def accepted(self, token: TokenInfo, pin: bytes) -> None:
+        """``pin`` logged ``token`` in."""
+        with self._lock:
+            self._accepted[self._digest(token, b"")] = self._digest(token, pin)
+
+    def compare_accepted(self, token: TokenInfo, pin: bytes) -> bool | None:
+        """Whether ``pin`` is the PIN that logged ``token`` in before (None:
+        no PIN did, in this process or the one it was forked from)."""
+        with self._lock:
+            good = self._accepted.get(self._digest(token, b""))
+            return None if good is None else hmac.compare_digest(good, self._digest(token, pin))
 
 
 MEMORY = PinMemory()

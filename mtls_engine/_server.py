@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import ssl
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from ._api import load_card_key
 from ._context import ssl_ctx_pointer
 from ._errors import ConfigError, CrlError, OpenSSLError
+from ._fork import ForkSafeLock
 from ._lib import consume_errors, ffi, lib, text
 from ._pin import PinArg
 
@@ -117,7 +117,7 @@ class _Hooks:
 
 _REGISTRY: dict[int, _Hooks] = {}
 _BY_CONTEXT: weakref.WeakKeyDictionary[ssl.SSLContext, _Hooks] = weakref.WeakKeyDictionary()
-_REGISTRY_LOCK = threading.Lock()
+_REGISTRY_LOCK = ForkSafeLock()
 _IDS = itertools.count(1)
 
 

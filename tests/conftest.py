@@ -9,13 +9,18 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 import mtls_engine
 from mtls_engine import _softhsm
 from mtls_engine._backends import BACKENDS, STATUS
 from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
+
+from . import p11shim
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -176,6 +181,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                rsa_cert_file)  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def token_server_cert(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server certificate for localhost whose key is card2's P-256 key."""
+    pub = x509.load_pem_x509_certificate(pki.cert_file(KeyKind.P256, pki.card2).read_bytes()).public_key()
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    path = tmp_path_factory.mktemp("token-server") / "token-server.pem"
+    cert = pki.ca.issue(pem, "localhost", client=False, dns_names=("localhost",))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
 BACKEND_STATUS = STATUS
 
 
@@ -209,3 +225,42 @@ def spy_module() -> str | None:
         if os.path.exists(c):
             return c
     return None
+
+
+# Distinctive, so a scan of a log for it cannot hit anything else.
+SHIM_PIN = "31415926"
+
+
+@dataclass
+class ShimCard:
+    shim: Path
+    store: TokenStore
+    token: Token
+
+    @property
+    def key_uri(self) -> str:
+        return self.token.uri(object="ec256", type="private")
+
+    def env(self, state_dir: Path, **options: Any) -> dict[str, str]:
+        """The child's environment: the shim configured with ``options``,
+        forwarding to SoftHSM2 with this card's token store."""
+        return {**p11shim.shim_env(self.store.module, state_dir, **options), **self.store.env,
+                "T_MODULE": str(self.shim), "T_LABEL": self.token.label}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def shim_card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> ShimCard:
+    """A token of its own behind the PKCS#11 test shim (tests/p11shim),
+    whose PIN is SHIM_PIN."""
+    try:
+        shim = p11shim.build()
+    except p11shim.ShimUnavailable as exc:
+        need(False, str(exc))
+        raise
+    work = tmp_path_factory.mktemp("shimcard")
+    store = TokenStore.create(work / "softhsm")
+    token = store.init_token("shimcard", pin=SHIM_PIN)
+    pub = token.generate_key(KeyKind.P256, "ec256", "02")
+    token.store_certificate(pki.ca.issue(pub, "card-holder shimcard"), "ec256", "02", work)
+    token.generate_key(KeyKind.P256, "other", "03")  # signs in place of ec256 with sign_with="other"
+    return ShimCard(shim, store, token)

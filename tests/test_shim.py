@@ -12,22 +12,20 @@ touch the session's shared tokens.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mtls_engine._lib import lib
-from mtls_engine._softhsm import KeyKind, Token, TokenStore
 
 from . import p11shim
-from .conftest import Pki, need
+from .conftest import SHIM_PIN, Pki, ShimCard
 from .helpers import run_python
 
 # Distinctive PINs, so a scan of the log for them cannot hit anything else
 # (the demo PIN 00000000 would match every "rv=0x00000000").
-PIN = "31415926"
+PIN = SHIM_PIN
 WRONG = "27182818"
 
 COUNT_LOW = lib.CKF_USER_PIN_COUNT_LOW
@@ -38,37 +36,9 @@ PIN_STATE = COUNT_LOW | FINAL_TRY | LOCKED
 KEY_HANDLE_INVALID = 0x60  # CKR_KEY_HANDLE_INVALID (not in the binding)
 
 
-@dataclass
-class ShimCard:
-    shim: Path
-    store: TokenStore
-    token: Token
-
-    @property
-    def key_uri(self) -> str:
-        return self.token.uri(object="ec256", type="private")
-
-    def env(self, state_dir: Path, **options: Any) -> dict[str, str]:
-        """The child's environment: the shim configured with ``options``,
-        forwarding to SoftHSM2 with this card's token store."""
-        return {**p11shim.shim_env(self.store.module, state_dir, **options), **self.store.env,
-                "T_MODULE": str(self.shim), "T_LABEL": self.token.label}  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> ShimCard:
-    try:
-        shim = p11shim.build()
-    except p11shim.ShimUnavailable as exc:
-        need(False, str(exc))
-        raise
-    work = tmp_path_factory.mktemp("shimcard")
-    store = TokenStore.create(work / "softhsm")
-    token = store.init_token("shimcard", pin=PIN)
-    pub = token.generate_key(KeyKind.P256, "ec256", "02")
-    token.store_certificate(pki.ca.issue(pub, "card-holder shimcard"), "ec256", "02", work)
-    token.generate_key(KeyKind.P256, "other", "03")  # signs in place of ec256 with sign_with="other"
-    return ShimCard(shim, store, token)
+def card(shim_card: ShimCard) -> ShimCard:
+    return shim_card
 
 
 def _last_json(proc: Any) -> Any:

@@ -16,10 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 import mtls_engine
 from mtls_engine._softhsm import KeyKind
 
@@ -95,16 +91,6 @@ def test_one_card_key_many_client_threads(pki: Pki, backend: str) -> None:
         done, failures = hammer(ctx, srv.server_address[1])
     assert failures == [] and srv.errors == []
     assert done == THREADS * PER_THREAD
-
-
-@pytest.fixture(scope="module")
-def token_server_cert(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pub = x509.load_pem_x509_certificate(pki.cert_file(KeyKind.P256, pki.card2).read_bytes()).public_key()
-    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    path = tmp_path_factory.mktemp("threads") / "token-server.pem"
-    cert = pki.ca.issue(pem, "localhost", client=False, dns_names=("localhost",))
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
 
 
 def test_threaded_server_with_its_key_on_the_token(

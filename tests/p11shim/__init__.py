@@ -25,7 +25,16 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["ShimUnavailable", "build", "count", "read_log", "shim_env", "signatures"]
+__all__ = [
+    "ShimUnavailable",
+    "build",
+    "count",
+    "count_by_process",
+    "read_log",
+    "read_log_pids",
+    "shim_env",
+    "signatures",
+]
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "shim.c"
@@ -118,16 +127,30 @@ def shim_env(
     return env
 
 
-def read_log(path: str | os.PathLike[str]) -> list[tuple[str, int, str]]:
-    """The shim log as (function name, return value, rest of the line)."""
+def read_log_pids(path: str | os.PathLike[str]) -> list[tuple[int, str, int, str]]:
+    """The shim log as (process id, function name, return value, rest of the line)."""
     p = Path(path)
     if not p.exists():
         return []
     entries = []
     for line in p.read_text().splitlines():
-        name, rv, *rest = line.split(" ", 2)
-        entries.append((name, int(rv.removeprefix("rv="), 16), rest[0] if rest else ""))
+        name, rv, pid, *rest = line.split(" ", 3)
+        entries.append((int(pid.removeprefix("pid=")), name, int(rv.removeprefix("rv="), 16), rest[0] if rest else ""))
     return entries
+
+
+def read_log(path: str | os.PathLike[str]) -> list[tuple[str, int, str]]:
+    """The shim log as (function name, return value, rest of the line)."""
+    return [(name, rv, rest) for _, name, rv, rest in read_log_pids(path)]
+
+
+def count_by_process(path: str | os.PathLike[str], name: str) -> dict[int, int]:
+    """How many calls of ``name`` each process made (process id -> count)."""
+    counts: dict[int, int] = {}
+    for pid, n, _, _ in read_log_pids(path):
+        if n == name:
+            counts[pid] = counts.get(pid, 0) + 1
+    return counts
 
 
 def count(path: str | os.PathLike[str], name: str) -> int:

@@ -18,7 +18,7 @@
  *                              LABEL on the session's token, whatever key the
  *                              caller named (whose public parts, and so its
  *                              certificate, the caller still believes in)
- *   MTLS_SHIM_LOG=FILE         one line per wrapped call: "NAME rv=0x%08lX ..."
+ *   MTLS_SHIM_LOG=FILE         one line per wrapped call: "NAME rv=0x%08lX pid=N ..."
  *
  * The flags and the counter apply to every token of the real module (tests
  * give the shim a token store of its own).  The PIN-state flags the shim
@@ -72,7 +72,7 @@ static void log_call(const char *name, CK_RV rv, const char *fmt, ...)
 
     if (log_fd < 0)
         return;
-    n = snprintf(line, sizeof line, "%s rv=0x%08lX", name, (unsigned long)rv);
+    n = snprintf(line, sizeof line, "%s rv=0x%08lX pid=%ld", name, (unsigned long)rv, (long)getpid());
     if (fmt != NULL && n < (int)sizeof line - 2) {
         line[n++] = ' ';
         va_start(ap, fmt);
