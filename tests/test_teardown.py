@@ -44,3 +44,38 @@ def test_exit_status_zero_after_handshakes(pki: Pki, mode: str, backend: str) ->
     assert lines[-1] == "done"
     assert lines.count("commonName=card-holder rsa2048") == 3
     assert lines.count("commonName=card-holder ec384") == 3
+
+
+FORK_SCRIPT = """
+import os, sys
+import mtls_engine
+from tests.servers import EchoServer, server_context, talk
+
+srv = EchoServer(server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"]))
+ctx = mtls_engine.client_context(key=os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                 pin=os.environ["T_PIN"], backend=os.environ["T_BACKEND"])
+print(os.getpid(), "parent", talk(ctx, srv.port)["subject"], flush=True)
+child = os.fork()
+if child:
+    status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    print(os.getpid(), "child exited with", status, flush=True)
+    srv.close()
+else:
+    print(os.getpid(), "child", talk(ctx, srv.port)["subject"], flush=True)
+    # the child leaves through the interpreter's normal exit (atexit, module
+    # teardown, OpenSSL's and the backend's cleanup), with the context alive
+"""
+
+
+def test_exit_status_zero_in_a_forked_child_and_its_parent(pki: Pki, backend: str) -> None:
+    proc = run_python(
+        FORK_SCRIPT,
+        env={"T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key), "T_CA": str(pki.ca_file),
+             "T_URI": pki.key_uri(KeyKind.P256), "T_MODULE": pki.module, "T_PIN": pki.card1.pin,
+             "T_BACKEND": backend},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
+    words = [line.split(" ", 1)[1] for line in proc.stdout.splitlines()]
+    assert words == ["parent commonName=card-holder ec256", "child commonName=card-holder ec256",
+                     "child exited with 0"], proc.stdout  # fmt: skip
+    assert "after fork" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
