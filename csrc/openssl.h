@@ -48,6 +48,7 @@ X509 *d2i_X509(X509 **, const unsigned char **, long);
 void X509_free(X509 *);
 int X509_check_private_key(const X509 *, const EVP_PKEY *);
 void EVP_PKEY_free(EVP_PKEY *);
+EVP_PKEY *d2i_PUBKEY(EVP_PKEY **, const unsigned char **, long);
 int EVP_PKEY_get_id(const EVP_PKEY *);
 int EVP_PKEY_get_bits(const EVP_PKEY *);
 #define EVP_PKEY_RSA ...

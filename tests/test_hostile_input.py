@@ -6,6 +6,7 @@ message repeats a PIN-like secret it was given."""
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -18,7 +19,12 @@ from mtls_engine._server import access_rule, pin_rule, present_matcher, read_crl
 from mtls_engine._softhsm import CA
 from mtls_engine._uri import parse
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# MTLS_FUZZ_SCALE multiplies every example count: the suite runs 1 (a few
+# seconds); the long run is documented in docs/reliability.md.
+SCALE = max(1, int(os.environ.get("MTLS_FUZZ_SCALE", "1") or "1"))
+SETTINGS = settings(
+    max_examples=250 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 # URI-ish text: the characters URIs are made of, with percent signs, NULs
 # and non-ASCII mixed in, and whole attributes repeated or unknown.
@@ -103,7 +109,7 @@ def test_config_arguments(module: str, backend: str, pin_source: str | None) -> 
     assert isinstance(text, str)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=600))
 def test_crl_files(tmp_path: Path, data: bytes) -> None:
     ca = _ca()

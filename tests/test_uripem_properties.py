@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from mtls_engine import UriError
 from mtls_engine._uripem import read_uri_pem, uri_pem
 
+from .test_hostile_input import SCALE
+
 BEGIN = b"-----BEGIN PKCS#11 PROVIDER URI-----\n"
 END = b"\n-----END PKCS#11 PROVIDER URI-----\n"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300 * SCALE, deadline=None)
 @given(st.binary(max_size=400))
 def test_any_bytes_inside_the_pem_markers(body: bytes) -> None:
     for data in (BEGIN + body + END, BEGIN + base64.b64encode(body) + END, body):
@@ -27,7 +29,7 @@ def test_any_bytes_inside_the_pem_markers(body: bytes) -> None:
         assert isinstance(uri, str)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200 * SCALE, deadline=None)
 @given(st.text(min_size=1, max_size=200), st.binary(min_size=1, max_size=20))
 def test_written_key_uris_read_back(label: str, key_id: bytes) -> None:
     uri = (
