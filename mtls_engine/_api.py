@@ -151,18 +151,35 @@ def certificate_candidates(
 def pick_leaf(
     candidates: list[bytes], searched: str, pkey: Any, key_obj: KeyObject, token: TokenInfo
 ) -> tuple[bytes, Any]:
-    """The candidate certificate that belongs to ``pkey`` (DER, X509*)."""
-    matching = [(der, cert) for der, cert in ((d, _x509(d)) for d in candidates) if _matches(cert, pkey)]
+    """The candidate certificate that belongs to ``pkey`` (DER, X509*).
+    Certificate objects that are no readable X.509 certificate are passed
+    over; if nothing else is left, that is the error."""
+    readable = []
+    for der in candidates:
+        try:
+            readable.append((der, x509.load_der_x509_certificate(der), _x509(der)))
+        except (ValueError, CertificateError):
+            continue
+    unreadable = len(candidates) - len(readable)
+    if not readable:
+        raise CertificateError(
+            f"looked for {searched} and found {unreadable} certificate object(s), none of them a readable "
+            "X.509 certificate; write the key's certificate to the token again (pkcs11-tool --write-object "
+            "CERT.der --type cert --id ID) or pass cert= a PEM file"
+        )
+    matching = [(der, py, cert) for der, py, cert in readable if _matches(cert, pkey)]
     if not matching:
-        subjects = ", ".join(x509.load_der_x509_certificate(d).subject.rfc4514_string() for d in candidates)
+        subjects = ", ".join(py.subject.rfc4514_string() for _, py, _ in readable)
+        extra = f"; {unreadable} more could not be read" if unreadable else ""
         raise CertKeyMismatch(
-            f"the certificate ({searched}: {subjects}) does not belong to the private key "
+            f"the certificate ({searched}: {subjects}{extra}) does not belong to the private key "
             f"{key_obj.label!r} (id {key_obj.id.hex()}) on {token}; use the certificate issued "
             "for this key"
         )
     # Several certificates for the same key (typically a renewal): take the
     # one valid longest, which is what a user renewing expects.
-    return max(matching, key=lambda m: x509.load_der_x509_certificate(m[0]).not_valid_after_utc)
+    der, _, cert = max(matching, key=lambda m: m[1].not_valid_after_utc)
+    return der, cert
 
 
 def load_card_key(

@@ -6,6 +6,7 @@ message repeats a PIN-like secret it was given."""
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -14,10 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mtls_engine
+from mtls_engine._api import _read_cert_file
 from mtls_engine._config import openssl_cnf
 from mtls_engine._server import access_rule, pin_rule, present_matcher, read_crls
-from mtls_engine._softhsm import CA
+from mtls_engine._softhsm import CA, KeyKind, TokenStore
 from mtls_engine._uri import parse
+
+from .conftest import TEST_PIN, Pki
+from .helpers import run_python
 
 # MTLS_FUZZ_SCALE multiplies every example count: the suite runs 1 (a few
 # seconds); the long run is documented in docs/reliability.md.
@@ -144,3 +149,74 @@ def test_named_refusals_found_by_the_fuzzer() -> None:
         with pytest.raises(mtls_engine.UriError, match=message) as info:
             parse(uri)
         assert "pin-value=1" not in str(info.value) and "%80" not in str(info.value)
+
+
+# -- certificate objects on the token that are no certificate -------------------
+
+JUNK_SCRIPT = """
+import json, os
+import mtls_engine
+from mtls_engine._lib import ffi, lib
+from mtls_engine._p11 import Module, ulong_bytes
+from mtls_engine._pin import MEMORY
+
+mod = Module.load(os.environ["T_MODULE"])
+(tok,) = [t for t in mod.tokens() if t.label == "junkcard"]
+mod.login(tok, lambda t: os.environ["T_PIN"].encode(), pin_memory=MEMORY)
+rw = ffi.new("CK_SESSION_HANDLE *")
+assert mod.fl.C_OpenSession(tok.slot_id, lib.CKF_SERIAL_SESSION | lib.CKF_RW_SESSION, ffi.NULL, ffi.NULL, rw) == 0
+for key_id in ("07", "08"):  # 07 has only junk, 08 a good certificate and junk
+    values = [(lib.CKA_CLASS, ulong_bytes(lib.CKO_CERTIFICATE)), (lib.CKA_CERTIFICATE_TYPE, ulong_bytes(0)),
+              (lib.CKA_TOKEN, b"\\x01"), (lib.CKA_ID, bytes.fromhex(key_id)), (lib.CKA_LABEL, b"junk"),
+              (lib.CKA_SUBJECT, b"\\x30\\x00"), (lib.CKA_VALUE, b"\\x30\\x82\\x01\\x00 not a certificate")]
+    attrs = ffi.new("CK_ATTRIBUTE[]", len(values))
+    keep = []
+    for i, (t, v) in enumerate(values):
+        keep.append(ffi.new("unsigned char[]", v))
+        attrs[i].type, attrs[i].pValue, attrs[i].ulValueLen = t, keep[-1], len(v)
+    handle = ffi.new("CK_OBJECT_HANDLE *")
+    assert mod.fl.C_CreateObject(rw[0], attrs, len(values), handle) == 0
+out = {}
+for label in ("lonely", "renewed"):
+    try:
+        ctx = mtls_engine.client_context(key=f"pkcs11:token=junkcard;object={label};type=private",
+                                         cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                         pin=os.environ["T_PIN"], backend=os.environ["T_BACKEND"])
+        out[label] = "loaded"
+    except mtls_engine.Error as exc:
+        out[label] = [type(exc).__name__, str(exc)]
+print(json.dumps(out))
+"""
+
+
+def test_unreadable_certificate_objects_on_the_token(pki: Pki, tmp_path: Path, backend: str) -> None:
+    store = TokenStore.create(tmp_path / "softhsm")
+    token = store.init_token("junkcard", pin=TEST_PIN)
+    token.generate_key(KeyKind.P256, "lonely", "07")
+    pub = token.generate_key(KeyKind.P256, "renewed", "08")
+    token.store_certificate(pki.ca.issue(pub, "card-holder renewed"), "renewed", "08", tmp_path)
+    proc = run_python(JUNK_SCRIPT, env={**store.env, "T_MODULE": store.module, "T_PIN": TEST_PIN,
+                                        "T_CA": str(pki.ca_file), "T_BACKEND": backend})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["renewed"] == "loaded"  # the junk next to a good certificate is passed over
+    name, message = out["lonely"]
+    assert name == "CertificateError"
+    assert message.startswith("looked for a certificate with id 07 (the key's id) on token 'junkcard'")
+    assert "found 1 certificate object(s), none of them a readable X.509 certificate" in message
+    assert "pkcs11-tool --write-object CERT.der --type cert --id ID" in message
+
+
+@SETTINGS
+@given(data=st.one_of(st.binary(max_size=3000), st.builds(lambda b: b"-----BEGIN CERTIFICATE-----\n" + b,
+                                                         st.binary(max_size=2000))))  # fmt: skip
+def test_certificate_files(tmp_path: Path, data: bytes) -> None:
+    """cert= files: certificates or a CertificateError saying the file holds none."""
+    path = tmp_path / "cert.pem"
+    path.write_bytes(data)
+    try:
+        ders = _read_cert_file(str(path))
+    except mtls_engine.CertificateError as exc:
+        assert str(path) in str(exc) and "no readable X.509 certificate" in str(exc)
+    else:
+        assert ders  # only what cryptography read as certificates
