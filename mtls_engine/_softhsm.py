@@ -22,7 +22,7 @@ import subprocess
 import sysconfig
 import termios
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,6 +194,20 @@ def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str], so_pin: st
     """Run a tool that insists on reading PINs from a terminal, answering
     each of its PIN prompts through a pseudo-terminal (never through argv):
     ``so_pin`` for a prompt naming the SO PIN, else ``pin``."""
+
+    def answer(prompt: bytes) -> bytes | None:
+        if b"PIN" not in prompt:
+            return None
+        return (so_pin if so_pin is not None and b"SO PIN" in prompt else pin).encode()
+
+    return run_on_tty(args, env, answer)
+
+
+def run_on_tty(args: list[str], env: dict[str, str], answer: Callable[[bytes], bytes | None]) -> tuple[int, str]:
+    """Run ``args`` with a pseudo-terminal as its terminal; each prompt (an
+    unfinished last line ending in ":") is given to ``answer``, and what it
+    returns (if not None) is typed, once echo is off.  Returns the exit
+    status and everything the program wrote to the terminal."""
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - child
         try:
@@ -214,18 +228,20 @@ def _run_with_tty_pin(args: list[str], pin: str, env: dict[str, str], so_pin: st
             if not chunk:
                 break
             out += chunk
-            # A prompt is an unfinished last line naming a PIN and ending in ":".
             start = out.rfind(b"\n") + 1
             tail = out[start:]
-            if start >= answered and b"PIN" in tail and tail.rstrip().endswith(b":"):
-                answered = len(out)
-                # The tool turns echo off with TCSAFLUSH, which discards
-                # input typed before it: wait for echo to go off first.
-                deadline = time.monotonic() + 10
-                while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                secret = so_pin if so_pin is not None and b"SO PIN" in tail else pin
-                os.write(fd, secret.encode() + b"\n")
+            if start < answered or not tail.rstrip().endswith(b":"):
+                continue
+            reply = answer(tail)
+            if reply is None:
+                continue
+            answered = len(out)
+            # The program turns echo off with TCSAFLUSH, which discards
+            # input typed before it: wait for echo to go off first.
+            deadline = time.monotonic() + 10
+            while termios.tcgetattr(fd)[3] & termios.ECHO and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.write(fd, reply + b"\n")
     finally:
         os.close(fd)
         _, status = os.waitpid(pid, 0)

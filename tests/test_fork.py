@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from mtls_engine._softhsm import KeyKind
+from mtls_engine._softhsm import KeyKind, run_on_tty
 
 from . import p11shim
 from .conftest import SHIM_PIN, Pki, ShimCard
@@ -309,8 +309,6 @@ def test_other_openssl_prompts_still_reach_the_terminal(
 ) -> None:
     """mtls_engine takes PKCS#11 PIN prompts out of OpenSSL's default UI;
     any other prompt (an encrypted PEM key's pass phrase) still works."""
-    import pty
-
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -327,26 +325,13 @@ def test_other_openssl_prompts_still_reach_the_terminal(
            "T_CKEY": str(tmp_path / "k.pem")}  # fmt: skip
     (tmp_path / "prompt.py").write_text(textwrap.dedent(PEM_PROMPT_SCRIPT))
     full = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    pid, fd = pty.fork()
-    if pid == 0:  # the child's terminal is the pty
-        os.execve(sys.executable, [sys.executable, str(tmp_path / "prompt.py")], full)
-    seen = b""
-    sent = False
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-            if not sent and b"pass phrase" in seen:
-                os.write(fd, passphrase + b"\n")
-                sent = True
-    finally:
-        os.close(fd)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, seen.decode(errors="replace")[-2000:]
-    assert sent and b"Enter PEM pass phrase" in seen
-    assert b"loaded" in seen
+    asked = []
+
+    def answer(prompt: bytes) -> bytes | None:
+        asked.append(prompt)
+        return passphrase if b"pass phrase" in prompt else None
+
+    status, seen = run_on_tty([sys.executable, str(tmp_path / "prompt.py")], full, answer)
+    assert status == 0, seen[-2000:]
+    assert [p.strip() for p in asked] == [b"Enter PEM pass phrase:"]
+    assert "loaded" in seen
