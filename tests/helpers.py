@@ -23,6 +23,20 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 12
     )  # fmt: skip
 
 
+def run_module(
+    module: str, *args: str, site: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args...`` in a fresh interpreter; ``site`` is a
+    folder put first on its path (a ``sitecustomize.py`` there runs before
+    anything is imported: where tests put their stand-ins)."""
+    env = dict(os.environ)
+    paths = [str(site)] if site is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT)
+    )
+
+
 def count_calls(log: Path, name: str) -> int:
     """How many times the pkcs11-spy log shows the PKCS#11 function ``name``."""
     if not log.exists():
