@@ -32,6 +32,8 @@ typedef struct engine_st ENGINE;
 
 #if OPENSSL_VERSION_MAJOR >= 3
 #include <openssl/conf.h>
+#include <openssl/core_names.h>
+#include <openssl/params.h>
 #include <openssl/provider.h>
 #include <openssl/store.h>
 static const int MTLS_HAS_PROVIDER = 1;
@@ -418,6 +420,60 @@ static int mtls_provider_wake(void)
     return 1;
 }
 
+static void mtls_copy_param(const char *value, char *out, size_t size)
+{
+    if (size == 0)
+        return;
+    out[0] = '\0';
+    if (value != NULL) {
+        strncpy(out, value, size - 1);
+        out[size - 1] = '\0';
+    }
+}
+
+/* What the provider in the shared object `path` says about itself
+   (OSSL_PROVIDER_get_params "name", "version", "buildinfo"), asked in a
+   library context of its own that is freed again, so the default one
+   (CPython's) is untouched.  Nothing configures it there: pkcs11-provider
+   (and libp11's provider) load no PKCS#11 module until they are used.
+   Returns 1 when it loaded (a value it does not give stays ""), 0 when it
+   did not (OpenSSL's errors are in the queue). */
+static int mtls_provider_describe(const char *path, char *name, size_t name_size, char *version,
+                                  size_t version_size, char *buildinfo, size_t buildinfo_size)
+{
+    OSSL_LIB_CTX *libctx = OSSL_LIB_CTX_new();
+    OSSL_PROVIDER *prov;
+    const char *values[3] = {NULL, NULL, NULL};
+    OSSL_PARAM params[4];
+    mtls_copy_param(NULL, name, name_size);
+    mtls_copy_param(NULL, version, version_size);
+    mtls_copy_param(NULL, buildinfo, buildinfo_size);
+    if (libctx == NULL)
+        return 0;
+    prov = OSSL_PROVIDER_load(libctx, path);
+    if (prov == NULL) {
+        OSSL_LIB_CTX_free(libctx);
+        return 0;
+    }
+    params[0] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_NAME, (char **)&values[0], 0);
+    params[1] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_VERSION, (char **)&values[1], 0);
+    params[2] = OSSL_PARAM_construct_utf8_ptr(OSSL_PROV_PARAM_BUILDINFO, (char **)&values[2], 0);
+    params[3] = OSSL_PARAM_construct_end();
+    if (OSSL_PROVIDER_get_params(prov, params)) {
+        /* Copied before unloading: the strings belong to the provider. */
+        if (OSSL_PARAM_modified(&params[0]))
+            mtls_copy_param(values[0], name, name_size);
+        if (OSSL_PARAM_modified(&params[1]))
+            mtls_copy_param(values[1], version, version_size);
+        if (OSSL_PARAM_modified(&params[2]))
+            mtls_copy_param(values[2], buildinfo, buildinfo_size);
+    }
+    ERR_clear_error(); /* a provider without get_params is no failure */
+    OSSL_PROVIDER_unload(prov);
+    OSSL_LIB_CTX_free(libctx);
+    return 1;
+}
+
 #else
 
 static int mtls_apply_config(const char *text, long *error_line)
@@ -447,7 +503,22 @@ static int mtls_provider_wake(void)
     return 0;
 }
 
+static int mtls_provider_describe(const char *path, char *name, size_t name_size, char *version,
+                                  size_t version_size, char *buildinfo, size_t buildinfo_size)
+{
+    (void)path, (void)name, (void)name_size, (void)version, (void)version_size;
+    (void)buildinfo, (void)buildinfo_size;
+    return 0;
+}
+
 #endif
+
+/* The OpenSSL whose headers this extension was compiled with (the one it
+   runs with is OpenSSL_version_num()). */
+static unsigned long mtls_built_openssl_number(void)
+{
+    return (unsigned long)OPENSSL_VERSION_NUMBER;
+}
 
 /* ---- a test signature through the card key (for `check`) -------------- */
 

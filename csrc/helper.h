@@ -24,6 +24,10 @@ void mtls_activate_fallbacks(void);
 EVP_PKEY *mtls_store_load_private_key(const char *, int *);
 int mtls_provider_loaded(const char *);
 int mtls_provider_wake(void);
+int mtls_provider_describe(const char *, char *, size_t, char *, size_t, char *, size_t);
+
+/* check: the OpenSSL the extension was compiled with */
+unsigned long mtls_built_openssl_number(void);
 
 /* check: one signature through the loaded key */
 int mtls_test_sign(EVP_PKEY *, const char *, int, const unsigned char *, size_t, unsigned char *, size_t *);

@@ -3,7 +3,8 @@ with a private key that stays on a smart card, HSM or PKCS#11 token."""
 
 from __future__ import annotations
 
-from ._api import CardKey, client_context, load_card_key
+import sys
+
 from ._errors import (
     AmbiguousUri,
     BackendUnavailable,
@@ -27,10 +28,39 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
-from ._inject import extract, inject, injected
-from ._p11 import TokenInfo
-from ._pin import pin_source, prompt_pin
-from ._server import Rejection, load_crls, pin_of, server_context
+
+
+def _located_by_runpy_as_command() -> bool:
+    """True while ``python -m mtls_engine ...`` imports this package: runpy
+    imports a package before it runs its ``__main__``, with ``sys.argv[0]``
+    set to ``"-m"`` until then, from ``runpy._run_module_as_main(mod_name)``.
+    An application of the user's that imports mtls_engine (``python -m app``,
+    ``python app.py``, ``-c``) never matches."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run_module_as_main" and frame.f_globals.get("__name__") == "runpy":
+            return frame.f_locals.get("mod_name") in (__name__, f"{__name__}.__main__")
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+# Set when this interpreter's ssl cannot be used and the package is being
+# imported to run ``python -m mtls_engine``: __main__ then says so in one
+# line and exits 1.  Everyone else gets the InterpreterSslError at import.
+_import_refusal: InterpreterSslError | None = None
+
+try:
+    from ._api import CardKey, client_context, load_card_key
+    from ._inject import extract, inject, injected
+    from ._p11 import TokenInfo
+    from ._pin import pin_source, prompt_pin
+    from ._server import Rejection, load_crls, pin_of, server_context
+except InterpreterSslError as exc:
+    if not _located_by_runpy_as_command():
+        raise
+    _import_refusal = exc
 
 __version__ = "0.1.0"
 

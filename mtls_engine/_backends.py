@@ -7,6 +7,7 @@ pkcs11-provider (OpenSSL >= 3.0.7, and the only way on OpenSSL 4).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -16,6 +17,7 @@ from ._config import provider_section
 from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
 from ._lib import consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
+from ._packages import Package, elf_package_note, upstream_version
 from ._uri import format_uri
 
 log = logging.getLogger("mtls_engine")
@@ -74,6 +76,63 @@ def modules_dir() -> str:
 # pkcs11-provider 1.0 needs OpenSSL 3.0.7 or newer.
 _PROVIDER_MIN_OPENSSL = 0x30000070
 
+# Two PKCS#11 providers exist, with the same job and different settings:
+# pkcs11-provider (its own project; "pkcs11.so" in OpenSSL's modules folder,
+# and what the provider backend configures: pkcs11-module-path, quirks, ...)
+# and libp11's own provider ("pkcs11prov.so", libp11 0.4.14 and later; not
+# in Debian 12 or 13, which ship libp11 0.4.12 and 0.4.13).
+PKCS11_PROVIDER = "pkcs11-provider"
+LIBP11_PROVIDER = "libp11"
+PROVIDER_FILES = {PKCS11_PROVIDER: "pkcs11.so", LIBP11_PROVIDER: "pkcs11prov.so"}
+# What pkcs11-provider answers to OSSL_PROVIDER_get_params "name" (measured,
+# 1.0 on Debian 12 and 13).  libp11's provider answers with the name it was
+# loaded under, so only its file (or package) tells it apart.
+PKCS11_PROVIDER_NAME = "PKCS#11 Provider"
+
+
+def provider_implementation(path: str, name: str | None = None, package: Package | None = None) -> str:
+    """pkcs11-provider, libp11 (libp11's provider) or unknown, from what
+    the provider says its name is, the package it came from, its file name."""
+    pkg = package.name if package is not None else ""
+    if name == PKCS11_PROVIDER_NAME or pkg == PKCS11_PROVIDER:
+        return PKCS11_PROVIDER
+    if os.path.basename(path) == PROVIDER_FILES[LIBP11_PROVIDER] or "libp11" in pkg:
+        return LIBP11_PROVIDER
+    return "unknown"
+
+
+def _noted_package(path: str) -> Package | None:
+    """The package in the file's ELF note (no dpkg: this runs on every
+    backend choice), read once per file version."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _noted_package_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _noted_package_of(path: str, mtime: int, size: int) -> Package | None:
+    note = elf_package_note(path)
+    if note is None:
+        return None
+    return Package(note["name"], note["version"], upstream_version(note["version"]), "elf-note")
+
+
+def describe_provider(path: str) -> dict[str, str] | None:
+    """OSSL_PROVIDER_get_params "name", "version", "buildinfo" of the
+    provider in ``path``, asked in a library context of its own (None when
+    OpenSSL cannot load it).  The "version" is whatever the provider puts
+    there: pkcs11-provider 1.0 gives the OpenSSL version it was built with."""
+    if not lib.MTLS_HAS_PROVIDER:
+        return None
+    bufs = [ffi.new("char[256]") for _ in range(3)]
+    lib.ERR_clear_error()
+    if not lib.mtls_provider_describe(path.encode(), bufs[0], 256, bufs[1], 256, bufs[2], 256):
+        consume_errors()
+        return None
+    return dict(zip(("name", "version", "buildinfo"), (text(b) for b in bufs)))
+
 
 def provider_status() -> tuple[bool, str]:
     if not lib.MTLS_HAS_PROVIDER:
@@ -86,6 +145,13 @@ def provider_status() -> tuple[bool, str]:
             f"pkcs11-provider is not installed ({where} does not exist); install it (Debian 13: "
             "apt-get install pkcs11-provider; Debian 12: from bookworm-backports) or set "
             "MTLS_ENGINE_PKCS11_PROVIDER"
+        )
+    if provider_implementation(path, package=_noted_package(path)) == LIBP11_PROVIDER:
+        return False, (
+            f"{path} is libp11's own provider, which takes other settings than pkcs11-provider, the "
+            "provider mtls_engine's provider backend configures; install pkcs11-provider (Debian 13: "
+            "apt-get install pkcs11-provider; Debian 12: from bookworm-backports) and point "
+            "MTLS_ENGINE_PKCS11_PROVIDER at its pkcs11.so, or use the engine backend"
         )
     return True, path
 

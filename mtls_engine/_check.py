@@ -9,6 +9,7 @@ most once, with the same lockout guard as ``load_card_key``.
 
 from __future__ import annotations
 
+import _ssl
 import argparse
 import datetime
 import json
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from . import _backends, _connect, _names
+from . import _backends, _connect, _names, _packages
 from ._api import (
     MODULE_ENV,
     can_sign_pss,
@@ -50,7 +51,7 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
-from ._lib import consume_errors, ffi, lib, text
+from ._lib import InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._uri import ParsedUri, format_uri, parse
@@ -212,29 +213,66 @@ class Checker:
 
     def _openssl(self, st: Step) -> None:
         # Importing mtls_engine already proved _ssl and the extension share
-        # one loaded libssl/libcrypto (it refuses otherwise); show which.
+        # one loaded libssl/libcrypto (it refuses otherwise); show which,
+        # and what the interpreter check decided on.
         libssl = text(lib.mtls_library_of(lib.mtls_own_symbol(b"SSL_CTX_new")))
         libcrypto = text(lib.mtls_library_of(lib.mtls_own_symbol(b"OpenSSL_version_num")))
-        st.ok(
-            f"{ssl.OPENSSL_VERSION}; Python's ssl and mtls_engine share {libssl}",
-            python=sys.version.split()[0],
-            python_openssl=ssl.OPENSSL_VERSION,
-            extension_openssl=text(lib.OpenSSL_version(0)),
-            libssl=libssl,
-            libcrypto=libcrypto,
-            same_library=True,
+        here = InterpreterFacts.of_this_process()
+        python = sys.version.split()[0]
+        build = ", ".join(n for n, on in (("debug", here.debug), ("trace-refs", here.trace_refs)) if on) or "release"
+        built_with = _number_version_text(lib.mtls_built_openssl_number())
+        facts = {
+            "python": python,
+            "python_openssl": ssl.OPENSSL_VERSION,
+            "python_openssl_built": _api_version_text(getattr(ssl, "_OPENSSL_API_VERSION", None)),
+            "extension_openssl": text(lib.OpenSSL_version(0)),
+            "extension_openssl_built": built_with,
+            "libssl": libssl,
+            "libcrypto": libcrypto,
+            "same_library": True,
+            "interpreter": {
+                "implementation": here.implementation,
+                "version": python,
+                "executable": sys.executable,
+                "build": build,
+                "debug": here.debug,
+                "trace_refs": here.trace_refs,
+                "free_threaded": here.free_threaded,
+                "abiflags": getattr(sys, "abiflags", ""),
+                "pointer_size": here.pointer_size,
+                "object_header": here.object_header,
+                "expected_object_header": expected_object_header(here),
+                "ssl_module": getattr(_ssl, "__file__", None),
+            },
+        }
+        summary = (
+            f"{ssl.OPENSSL_VERSION}; {here.implementation} {python} ({build} build); "
+            f"Python's ssl and mtls_engine share {libssl}"
         )
+        if lib.mtls_built_openssl_number() > lib.OpenSSL_version_num():
+            st.warn(
+                summary,
+                f"mtls_engine was compiled with the headers of OpenSSL {built_with}, newer than the OpenSSL it runs "
+                f"with; rebuild it with this Python (pip install --force-reinstall --no-binary mtls_engine "
+                "mtls_engine)",
+                **facts,
+            )
+        else:
+            st.ok(summary, **facts)
 
     def _backends(self, st: Step) -> None:
         status = {name: dict(zip(("available", "detail"), fn())) for name, fn in _backends.STATUS.items()}
+        status["engine"].update(_engine_facts())
+        status["provider"].update(_provider_facts())
         st.facts.update(status)
         self.chosen, reason = _backends.choose(self.backend)
         st.facts.update(chosen=self.chosen, reason=reason)
+        found = "; ".join(f"{n}: {_described(n, status[n])}" for n in ("engine", "provider"))
         missing = [f"{n}: {s['detail']}" for n, s in status.items() if not s["available"]]
         if missing:
-            st.warn(f"using {reason}", "only one backend is available; " + "; ".join(missing))
+            st.warn(f"using {reason}; {found}", "only one backend is available; " + "; ".join(missing))
         else:
-            st.ok(f"using {reason}; both engine and provider are available")
+            st.ok(f"using {reason}; {found}")
 
     def _module(self, st: Step) -> None:
         self.uri = parse(self.key_text or "pkcs11:", what="key")
@@ -583,6 +621,77 @@ class Checker:
                 "; this card cannot sign RSA-PSS, so it is capped at TLS 1.2: a TLS-1.3-only server cannot accept it"
             )
         return what, hint
+
+
+def _api_version_text(version: Any) -> str | None:
+    """ssl._OPENSSL_API_VERSION (the OpenSSL _ssl was compiled with) as text:
+    (3, 0, 0, 19, 0) is 3.0.19, (1, 1, 1, 20, 15) is 1.1.1t."""
+    if not isinstance(version, tuple) or len(version) < 4:
+        return None
+    major, minor, fix, patch = (int(x) for x in version[:4])
+    if major >= 3:
+        return f"{major}.{minor}.{patch}"
+    return f"{major}.{minor}.{fix}" + (chr(ord("a") + patch - 1) if 0 < patch <= 26 else "")
+
+
+def _number_version_text(number: int) -> str:
+    """An OPENSSL_VERSION_NUMBER as text: 0x30000160 is 3.0.22 (OpenSSL 3:
+    0xMNN00PP0), 0x1010114f is 1.1.1t (0xMNNFFPPS)."""
+    major, minor = number >> 28, (number >> 20) & 0xFF
+    if major >= 3:
+        return f"{major}.{minor}.{(number >> 4) & 0xFF}"
+    return _api_version_text((major, minor, (number >> 12) & 0xFF, (number >> 4) & 0xFF)) or hex(number)
+
+
+def _package_facts(path: str | None) -> dict[str, Any]:
+    pkg = _packages.package_of(path) if path else None
+    return {"package": pkg.as_json() if pkg else None}
+
+
+def _engine_facts() -> dict[str, Any]:
+    """libp11's engine: where, and libp11's version (from the package: the
+    engine itself does not say)."""
+    path = _backends.engine_path() if lib.MTLS_HAS_ENGINE else None
+    facts: dict[str, Any] = {"path": path, "implementation": "libp11" if path else None}
+    facts.update(_package_facts(path))
+    facts["libp11_version"] = facts["package"]["upstream"] if facts["package"] else None
+    return facts
+
+
+def _provider_facts() -> dict[str, Any]:
+    """The provider the provider backend would load: which implementation
+    (pkcs11-provider or libp11's own), what it says about itself, the
+    project's version (from the package), and which of the two are in
+    OpenSSL's modules folder."""
+    modules = _backends.modules_dir() if lib.MTLS_HAS_PROVIDER else ""
+    installed = {
+        impl: (os.path.join(modules, name) if modules and os.path.exists(os.path.join(modules, name)) else None)
+        for impl, name in _backends.PROVIDER_FILES.items()
+    }
+    override = os.environ.get("MTLS_ENGINE_PKCS11_PROVIDER")
+    path = override if override and os.path.exists(override) else installed[_backends.PKCS11_PROVIDER]
+    facts: dict[str, Any] = {"path": path, "installed": installed}
+    if path is None:
+        facts.update(implementation=None, params=None, package=None, version=None)
+        return facts
+    params = _backends.describe_provider(path)
+    pkg = _packages.package_of(path)
+    facts.update(
+        implementation=_backends.provider_implementation(path, params["name"] if params else None, pkg),
+        params=params,
+        package=pkg.as_json() if pkg else None,
+        version=pkg.upstream if pkg else None,
+    )
+    return facts
+
+
+def _described(name: str, facts: dict[str, Any]) -> str:
+    """'libp11 0.4.12 (/usr/lib/.../pkcs11.so)', 'pkcs11-provider 1.0 (...)', or 'none'."""
+    if not facts.get("path"):
+        return "none"
+    version = facts.get("libp11_version") if name == "engine" else facts.get("version")
+    what = facts.get("implementation") or "unknown"
+    return f"{what}{f' {version}' if version else ''} ({facts['path']})"
 
 
 def _peer_subject(peer: dict[str, Any]) -> str:

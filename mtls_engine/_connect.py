@@ -2,17 +2,26 @@
 ``curl --cert``, that can show every TLS handshake message as it passes.
 
 The trace uses CPython's private ``SSLContext._msg_callback`` (3.8 to 3.13).
-What OpenSSL 3.0 reports through it, measured:
+What OpenSSL reports through it, measured with 3.0.22 (Debian 12) and 3.5.9
+(Debian 13):
 
 - every record's 5-byte header (pseudo content type 256) and, for TLS 1.3
   encrypted records, the inner content type (257): not messages, not shown;
 - each handshake message once, in both directions, after its header;
-- a *sent* ChangeCipherSpec twice (its record header and a CCS callback),
-  a *received* one only as a record header (TLS 1.2 and the TLS 1.3
-  compatibility CCS alike): so ChangeCipherSpec is taken from record
-  headers only, once per record, both ways;
+- a *sent* ChangeCipherSpec twice (its record header and a CCS callback);
+  a *received* one as a record header only on 3.0, as a record header and
+  a CCS callback on 3.5 (TLS 1.2 and the TLS 1.3 compatibility CCS
+  alike): so ChangeCipherSpec is taken from record headers only, once per
+  record, both ways, on either version;
 - each alert once (level, description), sent or received, also when it is
-  encrypted (TLS 1.3).
+  encrypted (TLS 1.3);
+- OpenSSL 3.5 (certificate compression, RFC 8879, came with 3.2) offers
+  compression in its ClientHello and, as a server, in its TLS 1.3
+  CertificateRequest; its TLS 1.3 client then sends its certificate as a
+  CompressedCertificate message (type 25, zlib with Debian's build) in
+  place of Certificate (11), and the msg_callback sees only that message.
+  A 3.5 server sent its own certificate uncompressed to a 3.5 client.  The
+  trace names the message and says how it was compressed.
 """
 
 from __future__ import annotations
@@ -46,8 +55,12 @@ _HANDSHAKE_NAMES = {
     5: "EndOfEarlyData", 8: "EncryptedExtensions", 11: "Certificate", 12: "ServerKeyExchange",
     13: "CertificateRequest", 14: "ServerHelloDone", 15: "CertificateVerify", 16: "ClientKeyExchange",
     20: "Finished", 21: "CertificateURL", 22: "CertificateStatus", 23: "SupplementalData", 24: "KeyUpdate",
-    67: "NextProto", 254: "MessageHash",
+    25: "CompressedCertificate", 67: "NextProto", 254: "MessageHash",
 }  # fmt: skip
+_MT_CERTIFICATE_VERIFY, _MT_COMPRESSED_CERTIFICATE = 15, 25
+
+# RFC 8879 section 3 certificate compression algorithms.
+_COMPRESSION_NAMES = {1: "zlib", 2: "brotli", 3: "zstd"}
 
 # RFC 8446 section 6 alert descriptions.
 _ALERT_NAMES = {
@@ -140,8 +153,10 @@ class Tracer:
         if content_type == _CT_HANDSHAKE and data:
             name = _HANDSHAKE_NAMES.get(data[0], f"handshake type {data[0]}")
             note = ""
-            if sent and data[0] == 15:  # our CertificateVerify: the signature the card made
+            if sent and data[0] == _MT_CERTIFICATE_VERIFY:  # ours: the signature the card made
                 note = f"signed on the card (key {self.card.key_label!r}, id {self.card.key_id.hex() or '-'})"
+            elif data[0] == _MT_COMPRESSED_CERTIFICATE:
+                note = compression_note(data)
             return Event(sender, "handshake", name, note=note)
         if content_type == _CT_HEADER and len(data) >= 5 and data[0] == _CT_CHANGE_CIPHER_SPEC:
             return Event(sender, "change_cipher_spec", "ChangeCipherSpec")
@@ -156,6 +171,19 @@ class Tracer:
 
     def server_asked_for_certificate(self) -> bool:
         return any(e.sender == "server" and e.name == "CertificateRequest" for e in self.events)
+
+
+def compression_note(message: bytes) -> str:
+    """What an RFC 8879 CompressedCertificate message says about itself:
+    type (1), length (3), algorithm (2), uncompressed length (3), then the
+    compressed Certificate message with its own length (3)."""
+    if len(message) < 12:
+        return ""
+    algorithm = int.from_bytes(message[4:6], "big")
+    plain = int.from_bytes(message[6:9], "big")
+    packed = int.from_bytes(message[9:12], "big")
+    name = _COMPRESSION_NAMES.get(algorithm, f"algorithm {algorithm}")
+    return f"the Certificate, {name}-compressed: {plain} bytes in {packed}"
 
 
 def register(sub: Any) -> None:

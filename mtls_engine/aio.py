@@ -49,11 +49,16 @@ Behaviour to know:
   refusal, from the handshake's thread (so do ``allow`` rules).  After
   refusing, it sends FIN and waits up to 2 s for the client to close, so
   that a reset cannot destroy the alert before the client reads it.
-* The peer's EOF (close_notify, or a TCP FIN without it, as asyncio and
-  ``suppress_ragged_eofs`` take it) leaves the connection open for writing
-  until the application closes it, as on a plain TCP stream (asyncio's TLS
-  closes it at once).  ``close()`` sends close_notify and does not wait for
-  the peer's.
+* The peer's close_notify leaves the connection open for writing until the
+  application closes it, as on a plain TCP stream (asyncio's TLS closes it
+  at once).  ``close()`` sends close_notify and does not wait for the
+  peer's.
+* A TCP FIN without close_notify is an EOF for the reader too (as asyncio
+  and ``suppress_ragged_eofs`` take it), but OpenSSL ends the TLS session
+  there: it answers with a fatal ``decode_error`` alert, which goes to the
+  peer as it would from a blocking ``SSLSocket``, and refuses every later
+  write (the connection is then lost).  Measured the same with OpenSSL 3.0
+  and 3.5; a peer that half-closes that way and still reads gets the alert.
 * Bounded: each handshake step holds one thread, which ends with the step;
   a server runs at most ``max_handshakes`` steps at once (more wait on the
   loop); the bytes a peer sends during a step are capped (reading pauses).

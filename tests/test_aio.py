@@ -11,8 +11,10 @@ tests use the shim (tests/p11shim) over a SoftHSM2 token store of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
 
 from . import p11shim
 from .conftest import TEST_PIN, Pki, need
-from .helpers import run_python
+from .helpers import run_python, same_alert_text
 
 T = TypeVar("T")
 SHIM_PIN = "26535897"  # the slow card's PIN: distinctive, like TEST_PIN
@@ -353,7 +355,9 @@ def test_client_without_certificate_is_refused(echoes: dict[str, Any]) -> None:
             stage, text = "read", "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required"
         else:
             stage, text = "handshake", "[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] sslv3 alert handshake failure"
-        assert got == {"stage": stage, "error": "SSLError", "text": text, "reasons": ["no_certificate"]}, name
+        assert same_alert_text(got["text"], text), (name, got)
+        rest = {k: v for k, v in got.items() if k != "text"}
+        assert rest == {"stage": stage, "error": "SSLError", "reasons": ["no_certificate"]}, name
 
 
 def test_no_descriptor_or_thread_outlives_its_connection(echoes: dict[str, Any]) -> None:
@@ -534,6 +538,43 @@ def test_eof_without_close_notify_is_an_eof(files: tuple[ssl.SSLContext, ssl.SSL
         return data
 
     assert _run(main()) == b"bye"
+
+
+def test_half_close_without_close_notify(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A peer that sends FIN without close_notify and goes on reading: the
+    reader gets the data, then EOF; OpenSSL (3.0 and 3.5 alike) has ended
+    the session with a decode_error alert, which reaches that peer as from a
+    blocking SSLSocket.  (A test that waited for a clean EOF at that peer
+    waited forever, on both versions.)"""
+    client, server = files
+
+    async def main() -> dict[str, object]:
+        seen: dict[str, object] = {}
+        done = asyncio.Event()
+
+        async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"bye")
+            await writer.drain()
+            writer.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN, no close_notify
+            try:
+                seen["peer_read"] = await reader.read()
+            except ssl.SSLError as exc:
+                seen["peer_read"] = exc.reason
+            writer.close()
+            done.set()
+
+        srv = await aio.start_server(half, "127.0.0.1", 0, ssl=server)
+        async with srv:
+            port = srv.sockets[0].getsockname()[1]
+            reader, writer = await aio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+            seen["read"] = await reader.read()
+            writer.close()
+            with contextlib.suppress(ssl.SSLError):
+                await writer.wait_closed()
+            await done.wait()
+        return seen
+
+    assert _run(main()) == {"read": b"bye", "peer_read": "TLSV1_ALERT_DECODE_ERROR"}
 
 
 def test_server_hostname_is_needed_without_a_host(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:

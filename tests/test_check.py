@@ -5,6 +5,7 @@ memory of rejected PINs are per process)."""
 
 from __future__ import annotations
 
+import _ssl
 import datetime
 import json
 import os
@@ -19,9 +20,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mtls_engine._lib import InterpreterFacts
+from mtls_engine._packages import upstream_version
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import Pki
+from .conftest import Pki, need
 from .helpers import ROOT
 from .servers import echo_server, server_context
 
@@ -80,6 +83,60 @@ def test_passes_on_a_good_card_key(pki: Pki, pin_file: Path) -> None:
     assert (sig["algorithm"], sig["verified"]) == ("ECDSA", True)
     assert steps["openssl"]["facts"]["python_openssl"] == ssl.OPENSSL_VERSION
     assert steps["login"]["facts"]["method"] == "pin"
+
+
+def _dpkg_upstream(package: str) -> str | None:
+    """The project version of an installed Debian package (None: unknown here)."""
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, check=False)
+    return upstream_version(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def test_openssl_step_reports_the_interpreter(pki: Pki, pin_file: Path) -> None:
+    """What the import's interpreter check decided on, and the OpenSSL each
+    side runs with and was compiled with, as this process sees them."""
+    _, _, steps = check(pki, pin_file, "--key", pki.key_uri(KeyKind.P256))
+    step = steps["openssl"]
+    facts = step["facts"]
+    here = InterpreterFacts.of_this_process()
+    python = sys.version.split()[0]
+    build = ", ".join(n for n, on in (("debug", here.debug), ("trace-refs", here.trace_refs)) if on) or "release"
+    assert facts["interpreter"] == {
+        "implementation": "CPython", "version": python, "executable": sys.executable, "build": build,
+        "debug": here.debug, "trace_refs": here.trace_refs, "free_threaded": False, "abiflags": sys.abiflags,
+        "pointer_size": here.pointer_size, "object_header": object.__basicsize__,
+        "expected_object_header": object.__basicsize__, "ssl_module": _ssl.__file__,
+    }  # fmt: skip
+    assert step["status"] == "ok"
+    assert step["summary"].startswith(f"{ssl.OPENSSL_VERSION}; CPython {python} ({build} build); Python's ssl")
+    assert facts["python_openssl"] == facts["extension_openssl"] == ssl.OPENSSL_VERSION
+    major, minor, _, patch, _ = ssl._OPENSSL_API_VERSION  # type: ignore[attr-defined]
+    assert facts["python_openssl_built"] == f"{major}.{minor}.{patch}"
+    # mtls_engine was compiled here, with the libssl-dev headers installed now.
+    headers = _dpkg_upstream("libssl-dev")
+    if headers is not None and not os.environ.get("MTLS_ENGINE_OPENSSL_PREFIX"):
+        assert facts["extension_openssl_built"] == headers
+
+
+def test_backends_step_says_what_each_backend_is(pki: Pki, pin_file: Path) -> None:
+    """On Debian 12 and 13: libp11's engine with libp11's version from dpkg,
+    pkcs11-provider 1.0 with its version from its ELF package note."""
+    _, _, steps = check(pki, pin_file, "--key", pki.key_uri(KeyKind.P256))
+    facts = steps["backends"]["facts"]
+    engine, provider = facts["engine"], facts["provider"]
+    need(engine["available"] and provider["available"], "both backends installed")
+    libp11 = _dpkg_upstream("libengine-pkcs11-openssl")
+    assert engine["implementation"] == "libp11" and engine["libp11_version"] == libp11
+    assert engine["path"] == engine["detail"] and engine["path"].endswith("/engines-3/pkcs11.so")
+    assert engine["package"] == {"name": "libengine-pkcs11-openssl", "version": engine["package"]["version"],
+                                 "upstream": libp11, "source": "dpkg"}  # fmt: skip
+    assert provider["implementation"] == "pkcs11-provider"
+    assert provider["version"] == _dpkg_upstream("pkcs11-provider") == "1.0"
+    assert provider["package"]["source"] == "elf-note"
+    assert provider["path"].endswith("/ossl-modules/pkcs11.so")
+    assert provider["installed"] == {"pkcs11-provider": provider["path"], "libp11": None}
+    assert provider["params"]["name"] == "PKCS#11 Provider"
+    summary = steps["backends"]["summary"]
+    assert f"engine: libp11 {libp11} ({engine['path']}); provider: pkcs11-provider 1.0 ({provider['path']})" in summary
 
 
 def test_text_output_marks_each_step(pki: Pki, pin_file: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,9 +27,18 @@ from .servers import https_server, server_context
 CLIENT_SUBJECT = "CN=card-holder ec256"
 CV_NOTE = "signed on the card (key 'ec256', id 02)"
 
-# As measured with OpenSSL 3.0 (Python server, Python client): the TLS 1.3
-# middlebox-compatibility ChangeCipherSpec records appear on both sides, and
-# the server's two session tickets are read before the HTTP answer.
+# OpenSSL 3.2 and later compress a TLS 1.3 client certificate (RFC 8879)
+# when the server offers it, as an OpenSSL 3.5 server does: measured on
+# Debian 13 (3.5.9, built with zlib and zstd; it picked zlib), where the
+# client's Certificate is a CompressedCertificate message and the server's
+# own Certificate stays uncompressed.  OpenSSL 3.0 (Debian 12) has none.
+CERT_COMPRESSION = ssl.OPENSSL_VERSION_INFO >= (3, 2)
+CLIENT_CERTIFICATE = "CompressedCertificate" if CERT_COMPRESSION else "Certificate"
+COMPRESSION_NOTE = re.compile(r"the Certificate, zlib-compressed: (\d+) bytes in (\d+)")
+
+# As measured with OpenSSL 3.0 and 3.5 (Python server, Python client): the
+# TLS 1.3 middlebox-compatibility ChangeCipherSpec records appear on both
+# sides, and the server's two session tickets are read before the HTTP answer.
 TLS13 = [
     ("client", "ClientHello"),
     ("server", "ServerHello"),
@@ -38,13 +49,14 @@ TLS13 = [
     ("server", "CertificateVerify"),
     ("server", "Finished"),
     ("client", "ChangeCipherSpec"),
-    ("client", "Certificate"),
+    ("client", CLIENT_CERTIFICATE),
     ("client", "CertificateVerify"),
     ("client", "Finished"),
     ("server", "NewSessionTicket"),
     ("server", "NewSessionTicket"),
 ]
-# TLS 1.2: the server sends a session ticket before its ChangeCipherSpec.
+# TLS 1.2 (no certificate compression there, on any version): the server
+# sends a session ticket before its ChangeCipherSpec.
 TLS12 = [
     ("client", "ClientHello"),
     ("server", "ServerHello"),
@@ -105,12 +117,26 @@ def sequence(err: str) -> list[tuple[str, str]]:
     return out
 
 
+def assert_client_certificate_line(err: str) -> None:
+    """The client's certificate message: compressed (with what it says
+    about itself) where OpenSSL compresses it, else plain, no note."""
+    (line,) = [words for words in trace_lines(err) if words[1] == "client" and words[2] == CLIENT_CERTIFICATE]
+    if CERT_COMPRESSION:
+        m = COMPRESSION_NOTE.fullmatch(" ".join(line[3:]))
+        assert m, line
+        plain, packed = int(m.group(1)), int(m.group(2))
+        assert 300 < packed < plain < 4000, line  # one EC P-256 certificate, compressed
+    else:
+        assert line[3:] == []
+
+
 def test_trace_tls13(pki: Pki, pin_file: Path, server: int, backend: str, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"https://localhost:{server}/hello?x=1"
     code, out, err = connect(pki, capsys, url, "--cafile", str(pki.ca_file), "--pin-source", f"file:{pin_file}",
                              "--trace", backend=backend)  # fmt: skip
     assert code == 0, err
     assert sequence(err) == TLS13
+    assert_client_certificate_line(err)
     cv = [line for line in err.splitlines() if line.startswith("> client  CertificateVerify")]
     assert len(cv) == 1 and cv[0].endswith(CV_NOTE)
     # Only our own CertificateVerify is the card's.
@@ -149,7 +175,11 @@ def test_json_output_matches_trace(
     assert [(e["from"], e["name"]) for e in doc["trace"]] == sequence(err) == TLS13
     kinds = {e["name"]: e["type"] for e in doc["trace"]}
     assert kinds["ChangeCipherSpec"] == "change_cipher_spec" and kinds["Finished"] == "handshake"
-    assert [e.get("note") for e in doc["trace"] if e.get("note")] == [CV_NOTE]
+    notes = [(e["name"], e["note"]) for e in doc["trace"] if e.get("note")]
+    if CERT_COMPRESSION:
+        assert notes[0][0] == "CompressedCertificate" and COMPRESSION_NOTE.fullmatch(notes[0][1]), notes
+        notes = notes[1:]
+    assert notes == [("CertificateVerify", CV_NOTE)]
 
 
 def test_pin_from_environment(
@@ -306,5 +336,6 @@ def test_real_process(pki: Pki, pin_file: Path, server: int, backend: str) -> No
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert sequence(proc.stderr) == TLS13
+    assert_client_certificate_line(proc.stderr)
     assert json.loads(proc.stdout)["path"] == "/p"
     assert_no_pin(pki, proc.stdout + proc.stderr)

@@ -30,7 +30,7 @@ from mtls_engine._context import ssl_ctx_pointer
 from mtls_engine._lib import InterpreterFacts, check_interpreter, check_same_openssl, expected_object_header, lib
 
 from .conftest import need
-from .helpers import run_python
+from .helpers import run_module, run_python
 
 
 def facts(**changes: object) -> InterpreterFacts:
@@ -313,3 +313,69 @@ def test_import_refuses_another_openssl(ssl_with_other_openssl: str) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == "mtls_engine._errors InterpreterSslError", proc.stdout
     assert "uses another OpenSSL than mtls_engine" in lines[1]
+
+
+# ---- python -m mtls_engine on a refused interpreter ----------------------------------
+
+
+def _stand_in_site(folder: Path, prepare: str) -> Path:
+    """A folder whose sitecustomize.py sets a stand-in up before ``-m`` runs."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(prepare + "\n")
+    return folder
+
+
+def _import_error(prepare: str) -> str:
+    """The message ``import mtls_engine`` raises with this stand-in."""
+    proc = run_python(_IMPORT.format(prepare=prepare))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mtls_engine._errors InterpreterSslError", proc.stdout + proc.stderr
+    return lines[1]
+
+
+_COMMAND_CASES = {
+    "pypy": (_PREPARE["pypy"], "needs CPython"),
+    "free-threaded": (_PREPARE["free-threaded"], "Run it with the regular build of the same version"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_COMMAND_CASES))
+@pytest.mark.parametrize("args", [["check"], ["list", "--json"], ["--help"], []], ids=["check", "list", "help", "none"])
+def test_command_on_a_refused_interpreter_says_why_in_one_line(case: str, args: list[str], tmp_path: Path) -> None:
+    """``python -m mtls_engine <anything>``: the import's refusal as one line
+    ``mtls_engine: error: <why and what to do>``, exit status 1, no traceback."""
+    prepare, words = _COMMAND_CASES[case]
+    proc = run_module("mtls_engine", *args, site=_stand_in_site(tmp_path / "site", prepare))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"mtls_engine: error: {_import_error(prepare)}"]
+    assert words in proc.stderr
+
+
+def test_command_with_another_openssl_says_why_in_one_line(ssl_with_other_openssl: str, tmp_path: Path) -> None:
+    """The OpenSSL check (after the extension is loaded) refuses the same way."""
+    fake = ssl_with_other_openssl
+    prepare = f"import ctypes, _ssl\n_keep = ctypes.CDLL({fake!r})\n_ssl.__file__ = {fake!r}"
+    proc = run_module("mtls_engine", "check", site=_stand_in_site(tmp_path / "site", prepare))
+    assert proc.returncode == 1, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line == f"mtls_engine: error: {_import_error(prepare)}"
+    assert "uses another OpenSSL than mtls_engine" in line and "rebuild mtls_engine with the Python" in line
+
+
+def test_applications_run_with_dash_m_still_get_the_error(tmp_path: Path) -> None:
+    """Only mtls_engine's own command turns the refusal into a message: an
+    application's package run with ``-m`` (imported, like mtls_engine, while
+    runpy locates it) and an application module both get the exception."""
+    site = _stand_in_site(tmp_path / "site", _PREPARE["pypy"])
+    (site / "userapp").mkdir()
+    (site / "userapp" / "__init__.py").write_text("import mtls_engine\n")
+    (site / "userapp" / "__main__.py").write_text("print('not reached')\n")
+    (site / "usermod.py").write_text("import mtls_engine\nprint('not reached')\n")
+    for module in ("userapp", "usermod"):
+        proc = run_module(module, site=site)
+        assert proc.returncode == 1, proc.stderr
+        assert "not reached" not in proc.stdout
+        assert "Traceback" in proc.stderr
+        last = proc.stderr.splitlines()[-1]
+        assert last.startswith("mtls_engine._errors.InterpreterSslError: mtls_engine needs CPython"), last
