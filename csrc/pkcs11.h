@@ -48,6 +48,7 @@ typedef struct { unsigned long ulMinKeySize; unsigned long ulMaxKeySize; CK_FLAG
 typedef struct {
   CK_VERSION version;
   CK_RV (*C_Initialize)(void *);
+  CK_RV (*C_Finalize)(void *);
   CK_RV (*C_GetInfo)(CK_INFO *);
   CK_RV (*C_GetSlotList)(unsigned char, CK_SLOT_ID *, unsigned long *);
   CK_RV (*C_GetSlotInfo)(CK_SLOT_ID, CK_SLOT_INFO *);

@@ -25,11 +25,13 @@ from ._errors import (
     PinWarning,
     Pkcs11Error,
     TokenNotFound,
+    TokenUnavailable,
     UriError,
 )
 from ._inject import extract, inject, injected
 from ._p11 import TokenInfo
 from ._pin import pin_source, prompt_pin
+from ._reconnect import reconnect
 from ._server import Rejection, load_crls, pin_of, server_context
 
 __version__ = "0.1.0"
@@ -58,6 +60,7 @@ __all__ = [
     "Rejection",
     "TokenInfo",
     "TokenNotFound",
+    "TokenUnavailable",
     "UriError",
     "client_context",
     "extract",
@@ -68,5 +71,6 @@ __all__ = [
     "pin_of",
     "pin_source",
     "prompt_pin",
+    "reconnect",
     "server_context",
 ]

@@ -26,6 +26,7 @@ from ._errors import (
 from ._lib import consume_errors, ffi, lib
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
+from ._reconnect import Card
 from ._uri import ParsedUri, parse
 
 __all__ = ["CardKey", "client_context", "load_card_key"]
@@ -212,6 +213,7 @@ class LoadedKey:
     chain: tuple[Any, ...] = field(repr=False)  # X509 *
     pkey: Any = field(repr=False)  # EVP_PKEY *
     pkcs1_only: bool = False
+    card: Card | None = field(default=None, repr=False)  # reaches the token again after it was lost
 
 
 def resolve_card_key(
@@ -231,11 +233,11 @@ def resolve_card_key(
     get_pin = pin_getter(pin, key_uri)
     mod = Module.load(_module_path(module, key_uri))
     token = mod.find_token(key_uri)
-    mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
+    verified_pin = mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
     key_obj = mod.find_private_key(token, key_uri)
 
     candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
-    pkey = _backends.load_private_key(chosen, mod, token, key_obj)
+    pkey = _backends.load_private_key(chosen, mod, token, key_obj, verified_pin)
     leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
     pkcs1_only = key_obj.key_type == lib.CKK_RSA and not can_sign_pss(mod, token, key_obj)
     notes = (_PKCS1_NOTE,) if pkcs1_only else ()
@@ -252,7 +254,9 @@ def resolve_card_key(
         certificate=x509.load_der_x509_certificate(leaf_der),
         notes=notes,
     )
-    return LoadedKey(info, leaf, tuple(_x509(der) for der in chain_ders), pkey, pkcs1_only)
+    card = Card(module=mod, key_uri=key_uri, token=token, key=key_obj, leaf=leaf, backend=chosen,
+                get_pin=get_pin, force=force, pkey=pkey)  # fmt: skip
+    return LoadedKey(info, leaf, tuple(_x509(der) for der in chain_ders), pkey, pkcs1_only, card)
 
 
 def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, present_to: PresentTo = None) -> CardKey:
@@ -269,6 +273,8 @@ def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, pres
         raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
     if not lib.SSL_CTX_check_private_key(ssl_ctx):
         raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
+    if loaded.card is not None:
+        loaded.card.attach(ctx, ssl_ctx)
     if loaded.pkcs1_only:
         _restrict_to_pkcs1(ctx, ssl_ctx, server)
     if present_to is not None:

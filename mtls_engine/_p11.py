@@ -95,9 +95,21 @@ class KeyObject:
     key_type: int
 
 
+# What p11-kit-client.so reports as its library while it has no connection
+# to a p11-kit server (its C_Initialize succeeds all the same, with no slots).
+P11_KIT_NO_CONNECTION = "p11-kit (no connection)"
+
+
 class Module:
     """One loaded, initialised PKCS#11 module (cached per path, never
-    finalised: the backend shares it)."""
+    finalised: the backend shares it).
+
+    ``isolated``: the module gives each caller of C_GetFunctionList an
+    instance of its own, with its own sessions and login
+    (p11-kit-client.so: one connection, served by its own p11-kit-remote
+    process, per caller).  The backend's connection then needs a login of
+    its own, and this instance may be re-initialised after the token was
+    lost without touching the backend's."""
 
     _cache: ClassVar[dict[str, Module]] = {}
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -107,12 +119,40 @@ class Module:
         self.fl = functions
         self._lock = threading.RLock()
         self._sessions: dict[int, int] = {}
+        self._read_info()
+        other = lib.mtls_module_function_list(path.encode())
+        self.isolated = other != ffi.NULL and other != functions
+
+    def _read_info(self) -> None:
         info = ffi.new("CK_INFO *")
         self._check(self.fl.C_GetInfo(info), "C_GetInfo")
         self.info = info
         self.manufacturer = _pad(info.manufacturerID)
         self.description = _pad(info.libraryDescription)
         self.cryptoki_version = (info.cryptokiVersion.major, info.cryptokiVersion.minor)
+
+    @property
+    def disconnected(self) -> bool:
+        """p11-kit-client.so without a connection to its p11-kit server."""
+        return self.description == P11_KIT_NO_CONNECTION
+
+    def reopen(self) -> None:
+        """After the token was lost (a p11-kit server restarted, a card
+        pulled): forget this module's sessions, and re-initialise an
+        isolated instance, which is the only way p11-kit-client.so
+        connects again.  A shared module is never finalised here (the
+        backend uses it); its next session is simply a new one."""
+        with self._lock:
+            self._sessions.clear()
+            if not self.isolated:
+                return
+            self.fl.C_Finalize(ffi.NULL)
+            args = ffi.new("CK_C_INITIALIZE_ARGS *")
+            args.flags = lib.CKF_OS_LOCKING_OK
+            rv = self.fl.C_Initialize(args)
+            if rv not in (lib.CKR_OK, lib.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+                raise Pkcs11Error(f"C_Initialize failed with {ckr(rv)} (module {self.path})", rv)
+            self._read_info()
 
     @classmethod
     def load(cls, path: str) -> Module:
@@ -195,6 +235,13 @@ class Module:
             if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(self._raw_token_info(tok.slot_id)):
                 matches.append(tok)
         if not matches:
+            if self.disconnected:
+                address = os.environ.get("P11_KIT_SERVER_ADDRESS") or "(P11_KIT_SERVER_ADDRESS is not set)"
+                raise TokenNotFound(
+                    f"no token matches {uri.safe!r}: {self.path!r} has no connection to a p11-kit server "
+                    f"(address {address}). Start the server (p11-kit server --provider MODULE 'pkcs11:...') "
+                    "and set P11_KIT_SERVER_ADDRESS to the address it prints"
+                )
             present = ", ".join(str(t) for t in all_tokens) or "none"
             raise TokenNotFound(
                 f"no token matches {uri.safe!r} in module {self.path!r}; tokens present: "
@@ -237,14 +284,20 @@ class Module:
         *,
         pin_memory: Any,
         allow_final_try: bool = False,
-    ) -> None:
-        """Log the token in, at most one C_Login, only when it is safe."""
+    ) -> bytes | None:
+        """Log the token in, at most one C_Login, only when it is safe.
+
+        Returns the PIN this C_Login accepted (None when no PIN was used:
+        already logged in, no login needed, or a pinpad), so that a backend
+        whose connection to the token is separate from this one
+        (p11-kit-client.so) can be offered that verified PIN and nothing
+        else."""
         with self._lock:
             if self.logged_in(token.slot_id):
-                return
+                return None
             fresh = self.token_info(token.slot_id)
             if not fresh.flags & lib.CKF_LOGIN_REQUIRED:
-                return
+                return None
             if fresh.flags & lib.CKF_USER_PIN_LOCKED:
                 raise PinLocked(
                     f"the user PIN of {fresh} is locked; mtls_engine did not try to log in. "
@@ -288,7 +341,7 @@ class Module:
                 finally:
                     ffi.memmove(buf, b"\x00" * len(pin), len(pin))
             if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
-                return
+                return pin
             if rv == lib.CKR_PIN_INCORRECT:
                 if pin is not None:
                     pin_memory.remember(fresh, pin)
@@ -309,6 +362,7 @@ class Module:
             if rv == lib.CKR_PIN_LEN_RANGE:
                 raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
             self._check(rv, "C_Login", f"on {fresh}")
+            return None  # not reached: _check raised
 
     # -- objects -----------------------------------------------------------
 

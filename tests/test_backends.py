@@ -99,10 +99,10 @@ srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
 import mtls_engine
 from mtls_engine._backends import PROVIDER
-from mtls_engine._lib import lib
+from mtls_engine._lib import ffi, lib
 from tests.servers import echo_server, server_context, talk
 
-assert PROVIDER.module is None and not lib.mtls_provider_loaded(PROVIDER.NAME.encode())
+assert PROVIDER.module is None and not lib.mtls_provider_loaded(ffi.NULL, PROVIDER.NAME.encode())
 srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
 with echo_server(srv) as s:
     for (uri, version), ctx in contexts.items():
@@ -134,7 +134,7 @@ def test_contexts_created_before_the_backend_was_loaded(pki: Pki, backend: str) 
 NO_ENGINE_CHECK = """
 import ssl, mtls_engine
 from mtls_engine._backends import choose, engine_status
-from mtls_engine._lib import lib
+from mtls_engine._lib import ffi, lib
 assert lib.MTLS_HAS_ENGINE == 0
 print(engine_status())
 try:
