@@ -239,8 +239,13 @@ def resolve_card_key(
     candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
     pkey = _backends.load_private_key(chosen, mod, token, key_obj, verified_pin)
     leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
-    pkcs1_only = key_obj.key_type == lib.CKK_RSA and not can_sign_pss(mod, token, key_obj)
-    notes = (_PKCS1_NOTE,) if pkcs1_only else ()
+    notes: tuple[str, ...] = ()
+    if key_obj.key_type == lib.CKK_RSA:
+        if not can_sign_pss(mod, token, key_obj):
+            notes = (_PKCS1_NOTE,)
+        elif mod.isolated and not _test_signature(pkey, pss=True):
+            notes = (_PSS_RPC_NOTE,)
+    pkcs1_only = bool(notes)
     for note in notes:
         log.warning("%s (key %r on %s)", note, key_obj.label, token)
     info = CardKey(
@@ -303,6 +308,25 @@ def can_sign_pss(mod: Module, token: TokenInfo, key: KeyObject) -> bool:
 
 
 _PKCS1_NOTE = "the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most"
+# Measured with p11-kit 0.24 and pkcs11-provider 1.0: the token lists
+# CKM_RSA_PKCS_PSS, but p11-kit's RPC carries only the mechanisms it knows
+# how to encode, and the provider's hash-and-sign PSS mechanisms are not
+# among them (CKR_MECHANISM_INVALID); libp11's raw PSS crosses.
+_PSS_RPC_NOTE = (
+    "RSA-PSS signatures do not reach the token through this module (a test signature failed; p11-kit-client "
+    "carries only some mechanisms): using PKCS#1 v1.5 signatures and TLS 1.2 at most"
+)
+
+
+def _test_signature(pkey: Any, *, pss: bool) -> bool:
+    """One SHA-256 signature through the backend (RSA: PSS or PKCS#1 v1.5)."""
+    tbs = b"mtls_engine: which RSA padding reaches the token?"
+    sig = ffi.new("unsigned char[]", 1024)
+    siglen = ffi.new("size_t *", 1024)
+    lib.ERR_clear_error()
+    ok = bool(lib.mtls_test_sign(pkey, b"SHA256", int(pss), tbs, len(tbs), sig, siglen))
+    consume_errors()
+    return ok
 
 
 def _restrict_to_pkcs1(ctx: ssl.SSLContext, ssl_ctx: Any, server: bool) -> None:

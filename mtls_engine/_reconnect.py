@@ -368,5 +368,5 @@ def _with_named_errors(base: type) -> type:
 def _name_errors(ctx: ssl.SSLContext) -> None:
     """Make ``ctx``'s wrap_socket / wrap_bio return the classes above (the
     documented per-instance ``sslsocket_class`` / ``sslobject_class``)."""
-    ctx.sslsocket_class = _with_named_errors(ctx.sslsocket_class)  # type: ignore[misc]
-    ctx.sslobject_class = _with_named_errors(ctx.sslobject_class)  # type: ignore[misc]
+    ctx.sslsocket_class = _with_named_errors(ctx.sslsocket_class)
+    ctx.sslobject_class = _with_named_errors(ctx.sslobject_class)
