@@ -318,9 +318,11 @@ static void mtls_activate_fallbacks(void)
    says how many there were.  Never prompts for a PIN: the provider may
    only be offered `pin`, verified by mtls_engine's own login (see
    mtls_pin_offer).  `libctx`: where the provider instance lives (NULL:
-   the default library context). */
+   the default library context).  `first`: take the first key even when
+   there are more (they can only be session copies of it; see
+   _ProviderBackend). */
 static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *uri, const char *pin, int pin_len,
-                                             int *count)
+                                             int first, int *count)
 {
     struct mtls_pin_offer offer = {pin, pin_len, 0};
     OSSL_STORE_CTX *store;
@@ -352,7 +354,7 @@ static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *u
         OSSL_STORE_INFO_free(info);
     }
     OSSL_STORE_close(store);
-    if (*count > 1) {
+    if (*count > 1 && !first) {
         EVP_PKEY_free(found);
         return NULL;
     }
@@ -387,9 +389,10 @@ static int mtls_apply_config(OSSL_LIB_CTX *libctx, const char *text, long *error
 static void mtls_activate_fallbacks(void) {}
 
 static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *uri, const char *pin, int pin_len,
-                                             int *count)
+                                             int first, int *count)
 {
     (void)libctx;
+    (void)first;
     (void)uri;
     (void)pin;
     (void)pin_len;

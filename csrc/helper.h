@@ -21,7 +21,7 @@ int mtls_engine_listed(const char *);
 /* Provider backend (stubs returning 0/NULL before OpenSSL 3) */
 int mtls_apply_config(OSSL_LIB_CTX *, const char *, long *);
 void mtls_activate_fallbacks(void);
-EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *, const char *, const char *, int, int *);
+EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *, const char *, const char *, int, int, int *);
 int mtls_provider_loaded(OSSL_LIB_CTX *, const char *);
 OSSL_LIB_CTX *mtls_libctx_new(void);
 

@@ -319,16 +319,22 @@ class _ProviderBackend:
             slot = (self._generation, module.path, token.serial, key.handle)
             cached = self._keys.get(slot)
             if cached is None:
-                cached = self._keys[slot] = self._load(self._libctx, token, key, pin)
+                cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
             return cached
 
-    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None) -> Any:
+    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
+        """``copies``: a new instance on a module whose state the old one
+        shares may also find the session copy the old instance made of the
+        key (pkcs11-provider caches keys that way, and session objects are
+        the whole process's).  mtls_engine's own search found exactly one
+        token object for this URI, so any further match is such a copy, and
+        the first key found is taken."""
         uri = key_uri(token, key)
         count = ffi.new("int *")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
         try:
-            pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), count)
+            pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
         finally:
             _wipe(pin_buf, pin)
         if pkey == ffi.NULL:

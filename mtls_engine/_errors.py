@@ -71,11 +71,12 @@ class TokenNotFound(Error):
 
 
 class TokenUnavailable(Error, ssl.SSLError):
-    """A handshake needed the card key and the token could not sign: it is
-    unreachable or was removed (a p11-kit server or network HSM that went
-    away, a card pulled from its reader).  Also an ``ssl.SSLError``, so
-    code that handles TLS failures handles this one.  mtls_engine reaches
-    the token again by itself at a later handshake once it is back."""
+    """A handshake needed the card key and the token could not sign, nor
+    make a test signature after it: it is unreachable, was removed (a
+    p11-kit server or network HSM that went away, a card pulled from its
+    reader) or no longer knows the key.  Also an ``ssl.SSLError``, so code
+    that handles TLS failures handles this one.  mtls_engine reaches the
+    token again by itself at a later handshake once it is back."""
 
     library = "mtls_engine"
     reason = "TOKEN_UNAVAILABLE"

@@ -50,6 +50,7 @@ from ._errors import (
     Error,
     OpenSSLError,
     PinError,
+    Pkcs11Error,
     TokenNotFound,
     TokenUnavailable,
 )
@@ -68,7 +69,9 @@ log = logging.getLogger("mtls_engine")
 # the first handshake after the token is back should find it.
 RETRY_INTERVAL = 0.2
 
-_CARDS: dict[int, Card] = {}
+# Cards by id, for the C callbacks.  Weak: a card lives as long as a context
+# or a LoadedKey holds it, and then lets go of its PIN source.
+_CARDS: weakref.WeakValueDictionary[int, Card] = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
 _BY_CONTEXT: weakref.WeakKeyDictionary[ssl.SSLContext, Card] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -169,7 +172,10 @@ class Card:
                 log.error("mtls_engine stopped reconnecting to %s: %s", self.token, exc)
             except Error as exc:
                 self.last_error = exc
-                log.info("%s is still unreachable: %s", self.token, exc)
+                if self.stopped is exc:
+                    log.error("mtls_engine stopped reconnecting to %s: %s", self.token, exc)
+                else:
+                    log.info("%s is still unreachable: %s", self.token, exc)
             except Exception as exc:  # a PIN callback, say: never let it escape into OpenSSL
                 self.last_error = Error(f"reconnecting to {self.token} failed: {type(exc).__name__}: {exc}")
                 log.exception("reconnecting to %s failed", self.token)
@@ -221,11 +227,7 @@ class Card:
 
     def _probe(self) -> bool:
         """One test signature with the key the card signs with now."""
-        tbs = b"mtls_engine: is the card still there?"
-        sig = ffi.new("unsigned char[]", 1024)
-        siglen = ffi.new("size_t *", 1024)
-        lib.ERR_clear_error()
-        ok = bool(lib.mtls_test_sign(self._current_key(), b"SHA256", 0, tbs, len(tbs), sig, siglen))
+        ok = _sign_test(self._current_key())
         consume_errors()
         return ok
 
@@ -247,6 +249,15 @@ class Card:
         pkey = _backends.load_private_key(self.backend, mod, token, key, pin, fresh=True)
         matches = bool(lib.X509_check_private_key(self.leaf, pkey))
         consume_errors()
+        if matches and not _sign_test(pkey):
+            # Reaching the token again did not help: trying again would only
+            # load more backend instances.  Stop, as for a PIN problem.
+            self.stopped = Pkcs11Error(
+                f"mtls_engine reconnected to {token} and found the key {key.label!r} again, but it still "
+                f"cannot sign ({'; '.join(consume_errors()) or 'no detail'}). Check the key on the token "
+                "(its CKA_SIGN, its mechanisms)"
+            )
+            raise self.stopped
         if not matches:
             raise CertKeyMismatch(
                 f"the key {key.label!r} (id {key.id.hex()}) found on {token} after reconnecting does not "
@@ -292,13 +303,23 @@ class Card:
         else:
             detail = _error_text(err) if err else str(cause)
             message = (
-                f"the card key {self.key.label!r} on {self.token} could not sign this handshake: the token "
-                f"is unreachable or was removed (module {module}: {detail}). mtls_engine reconnects to it at "
-                "the next handshake once it is back (new sessions, a new login through the same PIN "
-                "source, the key found again by its URI); bring the token back (its reader, its HSM, or "
-                "the p11-kit server)"
+                f"the card key {self.key.label!r} on {self.token} could not sign this handshake, nor a test "
+                f"signature after it (module {module}: {detail}): the token is unreachable, was removed, or "
+                "no longer knows the key. mtls_engine reconnects to it at the next handshake (new sessions, a "
+                "new login through the same PIN source, the key found again by its URI); bring the token back "
+                "(its reader, its HSM, or the p11-kit server)"
             )
         return TokenUnavailable(message)
+
+
+def _sign_test(pkey: Any) -> bool:
+    """One SHA-256 test signature (ECDSA, or RSA PKCS#1 v1.5: what any card
+    key can make), errors left on the queue for the caller."""
+    tbs = b"mtls_engine: is the card still there?"
+    sig = ffi.new("unsigned char[]", 1024)
+    siglen = ffi.new("size_t *", 1024)
+    lib.ERR_clear_error()
+    return bool(lib.mtls_test_sign(pkey, b"SHA256", 0, tbs, len(tbs), sig, siglen))
 
 
 def _error_text(code: int) -> str:
@@ -338,6 +359,8 @@ class _NamedErrors:
     """Mixed into the context's SSLSocket / SSLObject classes: a handshake
     that failed because the card could not sign raises TokenUnavailable
     instead of OpenSSL's bare "[SSL] EVP lib"."""
+
+    __slots__ = ()
 
     def do_handshake(self, *args: Any, **kwargs: Any) -> Any:
         card = card_of(self.context)  # type: ignore[attr-defined]

@@ -135,8 +135,12 @@ def test_lost_token_fails_named_and_the_same_context_recovers(
     first, *later = r["lost"]
     assert_unavailable(first)
     # The signature failed: what happened, and that it will be retried.
-    assert "could not sign this handshake: the token is unreachable or was removed" in first["message"]
-    assert "p11-kit-client.so" in first["message"] and "reconnects to it" in first["message"]
+    assert (
+        "could not sign this handshake, nor a test signature after it (module p11-kit-client.so: error:"
+        in (first["message"])
+    )
+    assert "the token is unreachable, was removed, or no longer knows the key" in first["message"]
+    assert "reconnects to it at the next handshake" in first["message"]
     for o in later:
         assert_unavailable(o)
         # Reconnecting was tried (at most every 0.2 s) and says why it failed.
