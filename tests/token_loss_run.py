@@ -12,6 +12,7 @@ Scenarios (T_SCENARIO):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -61,6 +62,19 @@ def _client_handshake(ctx: ssl.SSLContext, port: int) -> None:
             tls.sendall(b"ping")
             if tls.recv(64) != b"ping":
                 raise AssertionError("no echo")
+
+
+def _asyncio_handshake(ctx: ssl.SSLContext, port: int) -> None:
+    """The same through asyncio's own TLS (SSLObject, wrap_bio)."""
+
+    async def talk() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        writer.write(b"ping")
+        if await reader.read(64) != b"ping":
+            raise AssertionError("no echo")
+        writer.close()
+
+    asyncio.run(talk())
 
 
 class _Echo:
@@ -174,6 +188,7 @@ def _client_scenario(env: dict[str, str], token: P11KitServer, out: dict[str, An
     for _ in range(6):
         out["lost"].append(hs())
         time.sleep(0.05)
+    out["lost_asyncio"] = _outcome(lambda: _asyncio_handshake(ctx, srv.port))
     if scenario == "pin":
         wrong["on"] = True  # from now on the PIN source yields a wrong PIN
     token.start()
@@ -189,6 +204,7 @@ def _client_scenario(env: dict[str, str], token: P11KitServer, out: dict[str, An
         wrong["on"] = False
         out["reconnect_right"] = _outcome(lambda: mtls_engine.reconnect(ctx))
     out["after"] = [hs() for _ in range(5)]
+    out["after_asyncio"] = _outcome(lambda: _asyncio_handshake(ctx, srv.port))
     if scenario == "threads":
         time.sleep(0.5)
         stop_threads.set()
