@@ -71,7 +71,7 @@ if [ "${1:-}" = "--detect" ]; then
 fi
 
 PACKAGES=(
-  softhsm2 libengine-pkcs11-openssl opensc opensc-pkcs11 gnutls-bin p11-kit libp11-kit-dev
+  softhsm2 libengine-pkcs11-openssl opensc opensc-pkcs11 gnutls-bin p11-kit p11-kit-modules libp11-kit-dev
   libssl-dev libffi-dev pkg-config gcc openssl curl ca-certificates
 )
 PYTHON=${PYTHON:-python3}

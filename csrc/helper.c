@@ -135,27 +135,66 @@ static SSL_CTX *mtls_ctx_candidate(uintptr_t object_address, size_t header_size)
     return *slot;
 }
 
-/* ---- PIN prompts ----------------------------------------------------- */
+/* ---- PKCS#11 modules ------------------------------------------------ */
 
-/* A UI that never supplies a PIN.  mtls_engine logs in itself (once,
-   after checking the token's PIN counters); if a backend ever decides it
-   needs a PIN anyway, it must fail instead of prompting on a terminal or
-   trying a PIN of its own. */
-static int mtls_ui_refuse(UI *ui, UI_STRING *uis)
+/* A second function list from the module at `path`, which must already be
+   loaded.  Most modules hand every caller the same one; p11-kit-client.so
+   hands each caller an instance of its own (its own connection, sessions
+   and login), which is how mtls_engine tells the two apart.  NULL when the
+   module cannot say. */
+static void *mtls_module_function_list(const char *path)
 {
-    (void)ui;
-    (void)uis;
-    return 0;
+    void *handle = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    CK_RV (*get)(CK_FUNCTION_LIST_PTR_PTR);
+    CK_FUNCTION_LIST_PTR list = NULL;
+    if (handle == NULL)
+        return NULL;
+    *(void **)&get = dlsym(handle, "C_GetFunctionList");
+    if (get == NULL || get(&list) != CKR_OK)
+        list = NULL;
+    dlclose(handle);
+    return list;
 }
 
-static UI_METHOD *mtls_refusing_ui(void)
+/* ---- PIN prompts ----------------------------------------------------- */
+
+/* What a backend may be told when it asks for a PIN: a PIN that
+   mtls_engine's own C_Login on the same token has just accepted, or none.
+   Some modules keep the login per C_GetFunctionList caller instead of per
+   process (p11-kit-client.so: each caller has its own connection to the
+   p11-kit server, served by its own process), so the engine or provider
+   finds its own connection logged out and asks.  It gets that verified PIN
+   at most once per key load, and nothing otherwise: never a prompt on a
+   terminal, never a PIN of its own. */
+struct mtls_pin_offer {
+    const char *pin; /* NULL: nothing to offer */
+    int len;
+    int offered;
+};
+
+static int mtls_ui_read(UI *ui, UI_STRING *uis)
+{
+    struct mtls_pin_offer *offer = UI_get0_user_data(ui);
+    switch (UI_get_string_type(uis)) {
+    case UIT_PROMPT:
+    case UIT_VERIFY:
+        if (offer == NULL || offer->pin == NULL || offer->offered)
+            return 0;
+        offer->offered = 1;
+        return UI_set_result_ex(ui, uis, offer->pin, offer->len) == 0 ? 1 : 0;
+    default:
+        return 1; /* information and error texts: nothing to answer */
+    }
+}
+
+static UI_METHOD *mtls_pin_ui(void)
 {
     static UI_METHOD *method = NULL;
     if (method == NULL) {
-        UI_METHOD *m = UI_create_method("mtls_engine: no PIN prompts");
+        UI_METHOD *m = UI_create_method("mtls_engine: verified PIN only");
         if (m == NULL)
             return NULL;
-        UI_method_set_reader(m, mtls_ui_refuse);
+        UI_method_set_reader(m, mtls_ui_read);
         method = m;
     }
     return method;
@@ -182,13 +221,13 @@ static int mtls_is_pin_prompt(UI_STRING *uis)
     return (type == UIT_PROMPT || type == UIT_VERIFY) && text != NULL && strstr(text, "PIN") != NULL;
 }
 
-static int mtls_ui_open(UI *ui)
+static int mtls_guard_open(UI *ui)
 {
     int (*f)(UI *) = UI_method_get_opener(mtls_ui_previous);
     return f == NULL ? 1 : f(ui);
 }
 
-static int mtls_ui_write(UI *ui, UI_STRING *uis)
+static int mtls_guard_write(UI *ui, UI_STRING *uis)
 {
     int (*f)(UI *, UI_STRING *) = UI_method_get_writer(mtls_ui_previous);
     if (mtls_is_pin_prompt(uis))
@@ -196,13 +235,13 @@ static int mtls_ui_write(UI *ui, UI_STRING *uis)
     return f == NULL ? 1 : f(ui, uis);
 }
 
-static int mtls_ui_flush(UI *ui)
+static int mtls_guard_flush(UI *ui)
 {
     int (*f)(UI *) = UI_method_get_flusher(mtls_ui_previous);
     return f == NULL ? 1 : f(ui);
 }
 
-static int mtls_ui_read(UI *ui, UI_STRING *uis)
+static int mtls_guard_read(UI *ui, UI_STRING *uis)
 {
     int (*f)(UI *, UI_STRING *) = UI_method_get_reader(mtls_ui_previous);
     if (mtls_is_pin_prompt(uis)) {
@@ -217,7 +256,7 @@ static int mtls_ui_read(UI *ui, UI_STRING *uis)
     return f == NULL ? 1 : f(ui, uis);
 }
 
-static int mtls_ui_close(UI *ui)
+static int mtls_guard_close(UI *ui)
 {
     int (*f)(UI *) = UI_method_get_closer(mtls_ui_previous);
     return f == NULL ? 1 : f(ui);
@@ -234,11 +273,11 @@ static int mtls_guard_pin_prompts(void)
         UI_METHOD *m = UI_create_method("mtls_engine: no PKCS#11 PIN prompts");
         if (m == NULL)
             return 0;
-        UI_method_set_opener(m, mtls_ui_open);
-        UI_method_set_writer(m, mtls_ui_write);
-        UI_method_set_flusher(m, mtls_ui_flush);
-        UI_method_set_reader(m, mtls_ui_read);
-        UI_method_set_closer(m, mtls_ui_close);
+        UI_method_set_opener(m, mtls_guard_open);
+        UI_method_set_writer(m, mtls_guard_write);
+        UI_method_set_flusher(m, mtls_guard_flush);
+        UI_method_set_reader(m, mtls_guard_read);
+        UI_method_set_closer(m, mtls_guard_close);
         guard = m;
     }
     mtls_ui_previous = current != NULL ? current : UI_OpenSSL();
@@ -272,9 +311,10 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
     return e;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri, const char *pin, int pin_len)
 {
-    return ENGINE_load_private_key(e, uri, mtls_refusing_ui(), NULL);
+    struct mtls_pin_offer offer = {pin, pin_len, 0};
+    return ENGINE_load_private_key(e, uri, mtls_pin_ui(), &offer);
 }
 
 static void mtls_engine_close(ENGINE *e)
@@ -308,10 +348,12 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
     return NULL;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri)
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri, const char *pin, int pin_len)
 {
     (void)e;
     (void)uri;
+    (void)pin;
+    (void)pin_len;
     return NULL;
 }
 
@@ -333,12 +375,13 @@ static int mtls_engine_listed(const char *id)
 #if OPENSSL_VERSION_MAJOR >= 3
 
 /* Apply an OpenSSL configuration text (mtls_engine passes only a providers
-   section) to the default library context, where CPython's SSL_CTXs live.
-   Returns 1 on success; on a syntax error *error_line is set. */
-static int mtls_apply_config(const char *text, long *error_line)
+   section) to a library context: NULL is the default one, where CPython's
+   SSL_CTXs live.  Returns 1 on success; on a syntax error *error_line is
+   set. */
+static int mtls_apply_config(OSSL_LIB_CTX *libctx, const char *text, long *error_line)
 {
     BIO *bio = BIO_new_mem_buf(text, -1);
-    CONF *conf = NCONF_new_ex(NULL, NULL);
+    CONF *conf = NCONF_new_ex(libctx, NULL);
     int ok = 0;
     *error_line = 0;
     if (bio != NULL && conf != NULL && NCONF_load_bio(conf, bio, error_line) > 0)
@@ -360,14 +403,21 @@ static void mtls_activate_fallbacks(void)
 
 /* Load every private key the URI names through OSSL_STORE (the provider's
    "pkcs11" scheme).  Returns the key when exactly one was found; *count
-   says how many there were.  Never prompts for a PIN. */
-static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
+   says how many there were.  Never prompts for a PIN: the provider may
+   only be offered `pin`, verified by mtls_engine's own login (see
+   mtls_pin_offer).  `libctx`: where the provider instance lives (NULL:
+   the default library context).  `first`: take the first key even when
+   there are more (they can only be session copies of it; see
+   _ProviderBackend). */
+static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *uri, const char *pin, int pin_len,
+                                             int first, int *count)
 {
+    struct mtls_pin_offer offer = {pin, pin_len, 0};
     OSSL_STORE_CTX *store;
     EVP_PKEY *found = NULL;
     int rounds = 0;
     *count = 0;
-    store = OSSL_STORE_open_ex(uri, NULL, NULL, mtls_refusing_ui(), NULL, NULL, NULL, NULL);
+    store = OSSL_STORE_open_ex(uri, libctx, NULL, mtls_pin_ui(), &offer, NULL, NULL, NULL);
     if (store == NULL)
         return NULL;
     OSSL_STORE_expect(store, OSSL_STORE_INFO_PKEY);
@@ -392,7 +442,7 @@ static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
         OSSL_STORE_INFO_free(info);
     }
     OSSL_STORE_close(store);
-    if (*count > 1) {
+    if (*count > 1 && !first) {
         EVP_PKEY_free(found);
         return NULL;
     }
@@ -400,9 +450,16 @@ static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
 }
 
 /* 1 when a provider with this name has been loaded and activated. */
-static int mtls_provider_loaded(const char *name)
+static int mtls_provider_loaded(OSSL_LIB_CTX *libctx, const char *name)
 {
-    return OSSL_PROVIDER_available(NULL, name);
+    return OSSL_PROVIDER_available(libctx, name);
+}
+
+/* A library context of its own, for a new pkcs11-provider instance after
+   the token was lost (see _ProviderBackend). */
+static OSSL_LIB_CTX *mtls_libctx_new(void)
+{
+    return OSSL_LIB_CTX_new();
 }
 
 /* Opens and closes a store on the "pkcs11:" scheme: any call into
@@ -413,7 +470,7 @@ static int mtls_provider_loaded(const char *name)
    key and needs no login.  1 when the store opened. */
 static int mtls_provider_wake(void)
 {
-    OSSL_STORE_CTX *store = OSSL_STORE_open_ex("pkcs11:", NULL, NULL, mtls_refusing_ui(), NULL, NULL, NULL, NULL);
+    OSSL_STORE_CTX *store = OSSL_STORE_open_ex("pkcs11:", NULL, NULL, mtls_pin_ui(), NULL, NULL, NULL, NULL);
     if (store == NULL)
         return 0;
     OSSL_STORE_close(store);
@@ -476,8 +533,11 @@ static int mtls_provider_describe(const char *path, char *name, size_t name_size
 
 #else
 
-static int mtls_apply_config(const char *text, long *error_line)
+typedef struct ossl_lib_ctx_st OSSL_LIB_CTX;
+
+static int mtls_apply_config(OSSL_LIB_CTX *libctx, const char *text, long *error_line)
 {
+    (void)libctx;
     (void)text;
     *error_line = 0;
     return 0;
@@ -485,15 +545,21 @@ static int mtls_apply_config(const char *text, long *error_line)
 
 static void mtls_activate_fallbacks(void) {}
 
-static EVP_PKEY *mtls_store_load_private_key(const char *uri, int *count)
+static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *uri, const char *pin, int pin_len,
+                                             int first, int *count)
 {
+    (void)libctx;
+    (void)first;
     (void)uri;
+    (void)pin;
+    (void)pin_len;
     *count = 0;
     return NULL;
 }
 
-static int mtls_provider_loaded(const char *name)
+static int mtls_provider_loaded(OSSL_LIB_CTX *libctx, const char *name)
 {
+    (void)libctx;
     (void)name;
     return 0;
 }
@@ -509,6 +575,11 @@ static int mtls_provider_describe(const char *path, char *name, size_t name_size
     (void)path, (void)name, (void)name_size, (void)version, (void)version_size;
     (void)buildinfo, (void)buildinfo_size;
     return 0;
+}
+
+static OSSL_LIB_CTX *mtls_libctx_new(void)
+{
+    return NULL;
 }
 
 #endif
@@ -569,10 +640,26 @@ struct mtls_peer_record {
     char leaf_serial[96];
 };
 
+/* A card key as its contexts' callbacks see it: whether its last
+   signature failed (the token was lost) and, after mtls_engine reached the
+   token again, the key to sign with from then on.  One per card key loaded,
+   shared by every context it was attached to; never freed (a context may
+   outlive the Python objects that made it). */
+struct mtls_card {
+    CRYPTO_RWLOCK *lock;
+    long id;                /* Python's key for it (mtls_py_recover) */
+    int lost;               /* a signature failed: reconnect before the next one */
+    unsigned long failures; /* handshakes the card failed (its signature, or reconnecting) */
+    unsigned long err;      /* the first OpenSSL error code of the last failed signature */
+    EVP_PKEY *pkey;         /* the key after a reconnection; NULL: the context's own */
+};
+
 /* Per SSL_CTX: the Python-side id of its hooks, and what was there before. */
 struct mtls_ctx_hooks {
     long id;
-    int flags; /* MTLS_HOOK_* */
+    int flags;  /* MTLS_HOOK_* */
+    int peer;   /* the peer checks (verify and refusal callbacks) are installed */
+    struct mtls_card *card;
 };
 #define MTLS_HOOK_RULE 1  /* call mtls_py_peer_rule on the verified leaf */
 #define MTLS_HOOK_SCOPE 2 /* client: present the certificate only where mtls_py_present says */
@@ -653,6 +740,7 @@ static void mtls_describe(X509 *cert, char *subject, char *issuer, char *serial)
 int mtls_py_peer_rule(long, const unsigned char *, size_t);
 int mtls_py_present(long, const char *);
 void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
+int mtls_py_recover(long);
 
 static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
 {
@@ -712,6 +800,26 @@ static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
 
 /* The server is about to send a fatal alert: that is a refusal.  Tell
    Python once per connection, with what the verify callback saw. */
+/* This side is about to send a fatal alert while making the handshake
+   signature (a client's CertificateVerify; a server's CertificateVerify in
+   TLS 1.3, ServerKeyExchange in TLS 1.2): the card failed to sign.  Mark
+   it lost, so the next handshake reconnects to the token first. */
+static void mtls_card_check_alert(const SSL *ssl, struct mtls_card *card, int where, int ret)
+{
+    OSSL_HANDSHAKE_STATE st;
+    if (card == NULL || (where & SSL_CB_WRITE_ALERT) != SSL_CB_WRITE_ALERT || (ret >> 8) != SSL3_AL_FATAL)
+        return;
+    st = SSL_get_state(ssl);
+    if (st != TLS_ST_CW_CERT_VRFY && st != TLS_ST_SW_CERT_VRFY && st != TLS_ST_SW_KEY_EXCH)
+        return;
+    if (!CRYPTO_THREAD_write_lock(card->lock))
+        return;
+    card->lost = 1;
+    card->failures++;
+    card->err = ERR_peek_error();
+    CRYPTO_THREAD_unlock(card->lock);
+}
+
 static void mtls_info_cb(const SSL *ssl, int where, int ret)
 {
     struct mtls_ctx_hooks *hooks;
@@ -720,10 +828,11 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     int ssl_reason = 0, fd;
     char peer[INET6_ADDRSTRLEN + 16] = "";
 
-    if (!SSL_is_server((SSL *)ssl))
-        return;
     hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
     if (hooks == NULL)
+        return;
+    mtls_card_check_alert(ssl, hooks->card, where, ret);
+    if (!SSL_is_server((SSL *)ssl) || !hooks->peer)
         return;
     rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
     if (where & SSL_CB_HANDSHAKE_DONE) {
@@ -781,11 +890,38 @@ static int mtls_app_verify(X509_STORE_CTX *st, void *arg)
     return X509_verify_cert(st);
 }
 
+/* The card's part of the certificate callback (both sides, just before
+   this connection's certificate and key are used).  After a failed
+   signature, ask Python to reach the token again (re-open, log in, find
+   the key by its URI) before this handshake signs anything; after a
+   reconnection, sign with the new key.  0 fails the handshake. */
+static int mtls_card_cert(SSL *ssl, struct mtls_card *card)
+{
+    int lost, ok = 1;
+    if (!CRYPTO_THREAD_read_lock(card->lock))
+        return 0;
+    lost = card->lost;
+    CRYPTO_THREAD_unlock(card->lock);
+    if (lost && !mtls_py_recover(card->id)) {
+        if (CRYPTO_THREAD_write_lock(card->lock)) {
+            card->failures++;
+            CRYPTO_THREAD_unlock(card->lock);
+        }
+        return 0;
+    }
+    if (!CRYPTO_THREAD_read_lock(card->lock))
+        return 0;
+    if (card->pkey != NULL)
+        ok = SSL_use_PrivateKey(ssl, card->pkey);
+    CRYPTO_THREAD_unlock(card->lock);
+    return ok;
+}
+
 /* Client side, when the server asks for a certificate: keep the card's
    certificate and key on this connection only if the server's name (SNI,
    else the name or address being verified) is one the user listed;
    otherwise clear them, so the client answers with no certificate and the
-   card signs nothing for that server. */
+   card signs nothing for that server.  Then the card's own part. */
 static int mtls_cert_cb(SSL *ssl, void *arg)
 {
     struct mtls_ctx_hooks *hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
@@ -793,35 +929,50 @@ static int mtls_cert_cb(SSL *ssl, void *arg)
     char *ip = NULL;
     int present;
     (void)arg;
-    if (SSL_is_server(ssl) || hooks == NULL || !(hooks->flags & MTLS_HOOK_SCOPE))
+    if (hooks == NULL)
         return 1;
-    host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
-    if (host == NULL)
-        host = X509_VERIFY_PARAM_get0_host(SSL_get0_param(ssl), 0);
-    if (host == NULL)
-        host = ip = X509_VERIFY_PARAM_get1_ip_asc(SSL_get0_param(ssl));
-    present = host != NULL && mtls_py_present(hooks->id, host);
-    OPENSSL_free(ip);
-    if (!present)
-        SSL_certs_clear(ssl);
-    return 1;
+    if (!SSL_is_server(ssl) && (hooks->flags & MTLS_HOOK_SCOPE)) {
+        host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+        if (host == NULL)
+            host = X509_VERIFY_PARAM_get0_host(SSL_get0_param(ssl), 0);
+        if (host == NULL)
+            host = ip = X509_VERIFY_PARAM_get1_ip_asc(SSL_get0_param(ssl));
+        present = host != NULL && mtls_py_present(hooks->id, host);
+        OPENSSL_free(ip);
+        if (!present) {
+            SSL_certs_clear(ssl);
+            return 1;
+        }
+    }
+    return hooks->card != NULL ? mtls_card_cert(ssl, hooks->card) : 1;
+}
+
+/* The hooks of a context, made on first use.  NULL on failure. */
+static struct mtls_ctx_hooks *mtls_hooks_of(SSL_CTX *ctx)
+{
+    struct mtls_ctx_hooks *hooks;
+    if (!mtls_indexes())
+        return NULL;
+    hooks = SSL_CTX_get_ex_data(ctx, mtls_ctx_idx);
+    if (hooks == NULL) {
+        hooks = OPENSSL_zalloc(sizeof(*hooks));
+        if (hooks == NULL)
+            return NULL;
+        if (!SSL_CTX_set_ex_data(ctx, mtls_ctx_idx, hooks)) {
+            OPENSSL_free(hooks);
+            return NULL;
+        }
+    }
+    return hooks;
 }
 
 /* Install the hooks on a context (once) and set what they do.  1 on success. */
 static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
 {
-    struct mtls_ctx_hooks *hooks;
-    if (!mtls_indexes())
+    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
+    if (hooks == NULL)
         return 0;
-    hooks = SSL_CTX_get_ex_data(ctx, mtls_ctx_idx);
-    if (hooks == NULL) {
-        hooks = OPENSSL_zalloc(sizeof(*hooks));
-        if (hooks == NULL)
-            return 0;
-        if (!SSL_CTX_set_ex_data(ctx, mtls_ctx_idx, hooks)) {
-            OPENSSL_free(hooks);
-            return 0;
-        }
+    if (!hooks->peer) {
         /* Not SSL_CTX_set_verify: CPython 3.13 resets that callback whenever
            verify_mode is set, which would silently drop the access rule and
            the reasons.  The chain-verification callback is never touched by
@@ -829,6 +980,7 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
            callback on top of whatever verify callback the SSL has. */
         SSL_CTX_set_cert_verify_callback(ctx, mtls_app_verify, NULL);
         SSL_CTX_set_info_callback(ctx, mtls_info_cb);
+        hooks->peer = 1;
     }
     hooks->id = id;
     hooks->flags = flags;
@@ -837,10 +989,90 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
     return 1;
 }
 
+/* ---- a card key that may go away ---------------------------------------- */
+
+static struct mtls_card *mtls_card_new(long id)
+{
+    struct mtls_card *card = OPENSSL_zalloc(sizeof(*card));
+    if (card == NULL)
+        return NULL;
+    card->lock = CRYPTO_THREAD_lock_new();
+    if (card->lock == NULL) {
+        OPENSSL_free(card);
+        return NULL;
+    }
+    card->id = id;
+    return card;
+}
+
+/* Watch `card` on this context: its failed signatures, reconnections
+   before the next handshake, and the key it signs with after one.  1 on
+   success. */
+static int mtls_attach_card(SSL_CTX *ctx, struct mtls_card *card)
+{
+    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
+    if (hooks == NULL)
+        return 0;
+    hooks->card = card;
+    SSL_CTX_set_info_callback(ctx, mtls_info_cb);
+    SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
+    return 1;
+}
+
+/* Sign with `pkey` from the next handshake on, and forget the loss.  1 on
+   success. */
+static int mtls_card_set_key(struct mtls_card *card, EVP_PKEY *pkey)
+{
+    EVP_PKEY *old;
+    if (!EVP_PKEY_up_ref(pkey))
+        return 0;
+    if (!CRYPTO_THREAD_write_lock(card->lock)) {
+        EVP_PKEY_free(pkey);
+        return 0;
+    }
+    old = card->pkey;
+    card->pkey = pkey;
+    card->lost = 0;
+    CRYPTO_THREAD_unlock(card->lock);
+    /* Connections that already took the old key hold their own reference. */
+    EVP_PKEY_free(old);
+    return 1;
+}
+
+/* lost: 1 = the card failed to sign, 0 = working; -1 = keep as it is.
+   Returns the card's state: lost | failures << 1, and its last error in
+   *err. */
+static unsigned long mtls_card_state(struct mtls_card *card, int lost, unsigned long *err)
+{
+    unsigned long state = 0;
+    if (!CRYPTO_THREAD_write_lock(card->lock))
+        return 0;
+    if (lost >= 0)
+        card->lost = lost;
+    state = (unsigned long)(card->lost != 0) | (card->failures << 1);
+    if (err != NULL)
+        *err = card->err;
+    CRYPTO_THREAD_unlock(card->lock);
+    return state;
+}
+
+/* The key the card signs with now (a new reference), or NULL when it is
+   still the context's own. */
+static EVP_PKEY *mtls_card_key(struct mtls_card *card)
+{
+    EVP_PKEY *pkey = NULL;
+    if (!CRYPTO_THREAD_read_lock(card->lock))
+        return NULL;
+    if (card->pkey != NULL && EVP_PKEY_up_ref(card->pkey))
+        pkey = card->pkey;
+    CRYPTO_THREAD_unlock(card->lock);
+    return pkey;
+}
+
 static int mtls_verify_callback_installed(SSL_CTX *ctx)
 {
     struct mtls_ctx_hooks *hooks = mtls_indexes() ? SSL_CTX_get_ex_data(ctx, mtls_ctx_idx) : NULL;
-    return hooks != NULL;
+    return hooks != NULL && hooks->peer;
 }
 
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L

@@ -12,17 +12,21 @@ SSL_CTX *mtls_ctx_candidate(uintptr_t, size_t);
 /* PIN prompts: OpenSSL's default UI refuses PKCS#11 PIN prompts */
 int mtls_guard_pin_prompts(void);
 
+/* PKCS#11: a second function list from a loaded module (isolation check) */
+void *mtls_module_function_list(const char *);
+
 /* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
 ENGINE *mtls_engine_open(const char *, const char *);
-EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *);
+EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, const char *, int);
 void mtls_engine_close(ENGINE *);
 int mtls_engine_listed(const char *);
 
 /* Provider backend (stubs returning 0/NULL before OpenSSL 3) */
-int mtls_apply_config(const char *, long *);
+int mtls_apply_config(OSSL_LIB_CTX *, const char *, long *);
 void mtls_activate_fallbacks(void);
-EVP_PKEY *mtls_store_load_private_key(const char *, int *);
-int mtls_provider_loaded(const char *);
+EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *, const char *, const char *, int, int, int *);
+int mtls_provider_loaded(OSSL_LIB_CTX *, const char *);
+OSSL_LIB_CTX *mtls_libctx_new(void);
 int mtls_provider_wake(void);
 int mtls_provider_describe(const char *, char *, size_t, char *, size_t, char *, size_t);
 
@@ -49,8 +53,17 @@ struct mtls_peer_record {
 extern "Python+C" int mtls_py_peer_rule(long, const unsigned char *, size_t);
 extern "Python+C" int mtls_py_present(long, const char *);
 extern "Python+C" void mtls_py_rejected(long, int, int, struct mtls_peer_record *, const char *);
+extern "Python+C" int mtls_py_recover(long);
 int mtls_install_peer_hooks(SSL_CTX *, long, int);
 int mtls_verify_callback_installed(SSL_CTX *);
 int mtls_set_crls(SSL_CTX *, const unsigned char **, const size_t *, int);
 void mtls_no_resumption(SSL_CTX *);
 long mtls_session_cache_mode(SSL_CTX *);
+
+/* a card key that may go away (p11-kit server restarted, card pulled) */
+struct mtls_card;
+struct mtls_card *mtls_card_new(long);
+int mtls_attach_card(SSL_CTX *, struct mtls_card *);
+int mtls_card_set_key(struct mtls_card *, EVP_PKEY *);
+unsigned long mtls_card_state(struct mtls_card *, int, unsigned long *);
+EVP_PKEY *mtls_card_key(struct mtls_card *);

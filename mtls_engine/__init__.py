@@ -26,6 +26,7 @@ from ._errors import (
     PinWarning,
     Pkcs11Error,
     TokenNotFound,
+    TokenUnavailable,
     UriError,
 )
 
@@ -56,6 +57,7 @@ try:
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
+    from ._reconnect import reconnect
     from ._server import Rejection, load_crls, pin_of, server_context
 except InterpreterSslError as exc:
     if not _located_by_runpy_as_command():
@@ -88,6 +90,7 @@ __all__ = [
     "Rejection",
     "TokenInfo",
     "TokenNotFound",
+    "TokenUnavailable",
     "UriError",
     "client_context",
     "extract",
@@ -98,5 +101,6 @@ __all__ = [
     "pin_of",
     "pin_source",
     "prompt_pin",
+    "reconnect",
     "server_context",
 ]

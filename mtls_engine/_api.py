@@ -26,6 +26,7 @@ from ._errors import (
 from ._lib import consume_errors, ffi, lib
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
+from ._reconnect import Card
 from ._uri import ParsedUri, parse
 
 __all__ = ["CardKey", "client_context", "load_card_key"]
@@ -229,6 +230,7 @@ class LoadedKey:
     chain: tuple[Any, ...] = field(repr=False)  # X509 *
     pkey: Any = field(repr=False)  # EVP_PKEY *
     pkcs1_only: bool = False
+    card: Card | None = field(default=None, repr=False)  # reaches the token again after it was lost
 
 
 def resolve_card_key(
@@ -248,14 +250,19 @@ def resolve_card_key(
     get_pin = pin_getter(pin, key_uri)
     mod = Module.load(_module_path(module, key_uri))
     token = mod.find_token(key_uri)
-    mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
+    verified_pin = mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
     key_obj = mod.find_private_key(token, key_uri)
 
     candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
-    pkey = _backends.load_private_key(chosen, mod, token, key_obj)
+    pkey = _backends.load_private_key(chosen, mod, token, key_obj, verified_pin)
     leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
-    pkcs1_only = key_obj.key_type == lib.CKK_RSA and not can_sign_pss(mod, token, key_obj)
-    notes = (_PKCS1_NOTE,) if pkcs1_only else ()
+    notes: tuple[str, ...] = ()
+    if key_obj.key_type == lib.CKK_RSA:
+        if not can_sign_pss(mod, token, key_obj):
+            notes = (_PKCS1_NOTE,)
+        elif mod.isolated and not _test_signature(pkey, pss=True):
+            notes = (_PSS_RPC_NOTE,)
+    pkcs1_only = bool(notes)
     for note in notes:
         log.warning("%s (key %r on %s)", note, key_obj.label, token)
     info = CardKey(
@@ -269,7 +276,9 @@ def resolve_card_key(
         certificate=x509.load_der_x509_certificate(leaf_der),
         notes=notes,
     )
-    return LoadedKey(info, leaf, tuple(_x509(der) for der in chain_ders), pkey, pkcs1_only)
+    card = Card(module=mod, key_uri=key_uri, token=token, key=key_obj, leaf=leaf, backend=chosen,
+                get_pin=get_pin, force=force, pkey=pkey)  # fmt: skip
+    return LoadedKey(info, leaf, tuple(_x509(der) for der in chain_ders), pkey, pkcs1_only, card)
 
 
 def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, present_to: PresentTo = None) -> CardKey:
@@ -286,6 +295,8 @@ def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, pres
         raise OpenSSLError("OpenSSL refused the card key for this context", consume_errors())
     if not lib.SSL_CTX_check_private_key(ssl_ctx):
         raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
+    if loaded.card is not None:
+        loaded.card.attach(ctx, ssl_ctx)
     if loaded.pkcs1_only:
         _restrict_to_pkcs1(ctx, ssl_ctx, server)
     if present_to is not None:
@@ -314,6 +325,25 @@ def can_sign_pss(mod: Module, token: TokenInfo, key: KeyObject) -> bool:
 
 
 _PKCS1_NOTE = "the token cannot sign RSA-PSS: using PKCS#1 v1.5 signatures and TLS 1.2 at most"
+# Measured with p11-kit 0.24 and pkcs11-provider 1.0: the token lists
+# CKM_RSA_PKCS_PSS, but p11-kit's RPC carries only the mechanisms it knows
+# how to encode, and the provider's hash-and-sign PSS mechanisms are not
+# among them (CKR_MECHANISM_INVALID); libp11's raw PSS crosses.
+_PSS_RPC_NOTE = (
+    "RSA-PSS signatures do not reach the token through this module (a test signature failed; p11-kit-client "
+    "carries only some mechanisms): using PKCS#1 v1.5 signatures and TLS 1.2 at most"
+)
+
+
+def _test_signature(pkey: Any, *, pss: bool) -> bool:
+    """One SHA-256 signature through the backend (RSA: PSS or PKCS#1 v1.5)."""
+    tbs = b"mtls_engine: which RSA padding reaches the token?"
+    sig = ffi.new("unsigned char[]", 1024)
+    siglen = ffi.new("size_t *", 1024)
+    lib.ERR_clear_error()
+    ok = bool(lib.mtls_test_sign(pkey, b"SHA256", int(pss), tbs, len(tbs), sig, siglen))
+    consume_errors()
+    return ok
 
 
 def _restrict_to_pkcs1(ctx: ssl.SSLContext, ssl_ctx: Any, server: bool) -> None:

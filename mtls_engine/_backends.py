@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from . import _fork
@@ -195,36 +197,86 @@ def key_uri(token: TokenInfo, key: KeyObject) -> str:
 
 class _EngineBackend:
     """One engine instance per PKCS#11 module for the life of the process:
-    a new instance would re-initialise libp11 and could log in again."""
+    a new instance would re-initialise libp11 and could log in again.  The
+    one exception is ``fresh=True`` after the token was lost: libp11 0.4.12
+    keeps its module connection for the life of its instance and never
+    re-initialises it (except in a forked child), so a token that went away
+    (a p11-kit server restarted, a card pulled) is reached again only
+    through a new instance.  Older instances stay alive: keys handed out
+    earlier still point into them.
+
+    OpenSSL 3 lets one engine library back only one ENGINE at a time (its
+    list of dynamic engines is keyed by the library's bind function: a
+    second load of the same file fails with "init failed").  So every
+    instance after the first is loaded from a private copy of the engine
+    library (a temporary folder of its own, removed once loaded), which has
+    its own libp11 state.  That also gives each PKCS#11 module its own
+    instance."""
 
     def __init__(self) -> None:
         self._engines: dict[str, Any] = {}
+        self._retired: list[Any] = []
+        self._opened = 0
         self._lock = _fork.ForkSafeLock()
 
-    def engine(self, module: Module) -> Any:
+    def _open(self, module: Module) -> Any:
+        path = engine_path()
+        if path is None:
+            raise BackendUnavailable(engine_status()[1])
+        _guard_pin_prompts()
+        copy_dir = None
+        so_path = path
+        if self._opened:
+            try:
+                copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
+                so_path = os.path.join(copy_dir, os.path.basename(path))
+                shutil.copyfile(path, so_path)
+            except OSError as exc:
+                if copy_dir is not None:
+                    shutil.rmtree(copy_dir, ignore_errors=True)
+                raise BackendUnavailable(
+                    f"cannot copy libp11's engine {path} for a second engine instance ({exc.strerror}); "
+                    "OpenSSL loads one instance per engine library. Set TMPDIR to a writable folder"
+                ) from None
+        lib.ERR_clear_error()
+        try:
+            e = lib.mtls_engine_open(so_path.encode(), module.path.encode())
+        finally:
+            if copy_dir is not None:
+                shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
+        if e == ffi.NULL:
+            errors = consume_errors()
+            where = ""
+            if copy_dir is not None:
+                where = f" (loaded from a copy in {copy_dir}: TMPDIR must allow executables)"
+            raise BackendUnavailable(
+                f"cannot start libp11's engine {path} for module {module.path}{where}"
+                + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
+            )
+        self._opened += 1
+        return e
+
+    def engine(self, module: Module, *, fresh: bool = False) -> Any:
         with self._lock:
             e = self._engines.get(module.path)
-            if e is None:
-                path = engine_path()
-                if path is None:
-                    raise BackendUnavailable(engine_status()[1])
-                _guard_pin_prompts()
-                lib.ERR_clear_error()
-                e = lib.mtls_engine_open(path.encode(), module.path.encode())
-                if e == ffi.NULL:
-                    errors = consume_errors()
-                    raise BackendUnavailable(
-                        f"cannot start libp11's engine {path} for module {module.path}"
-                        + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
-                    )
-                self._engines[module.path] = e
+            if e is None or fresh:
+                new = self._open(module)
+                if e is not None:
+                    self._retired.append(e)
+                e = self._engines[module.path] = new
             return e
 
-    def load_private_key(self, module: Module, token: TokenInfo, key: KeyObject) -> Any:
+    def load_private_key(
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+    ) -> Any:
         uri = key_uri(token, key)
-        e = self.engine(module)
+        e = self.engine(module, fresh=fresh)
         lib.ERR_clear_error()
-        pkey = lib.mtls_engine_load_private_key(e, uri.encode())
+        pin_buf = _pin_buffer(pin)
+        try:
+            pkey = lib.mtls_engine_load_private_key(e, uri.encode(), pin_buf, len(pin or b""))
+        finally:
+            _wipe(pin_buf, pin)
         if pkey == ffi.NULL:
             errors = consume_errors()
             raise ObjectNotFound(
@@ -234,32 +286,56 @@ class _EngineBackend:
         return ffi.gc(pkey, lib.EVP_PKEY_free)
 
 
+def _pin_buffer(pin: bytes | None) -> Any:
+    """A C copy of a verified PIN for one backend call (ffi.NULL: none)."""
+    return ffi.NULL if pin is None else ffi.new("char[]", pin)
+
+
+def _wipe(buf: Any, pin: bytes | None) -> None:
+    if pin is not None:
+        ffi.memmove(buf, b"\x00" * len(pin), len(pin))
+
+
 class _ProviderBackend:
     """pkcs11-provider, loaded once into OpenSSL's default library context
     (where CPython's SSL_CTXs live) under its own name, for one PKCS#11
     module.  pkcs11-provider does not say which module an instance serves,
-    and every instance answers the same ``pkcs11:`` scheme, so one process
-    can serve exactly one module this way."""
+    and every instance answers the same ``pkcs11:`` scheme (and declares
+    the same ``provider=pkcs11`` property), so one process can serve
+    exactly one module this way.
+
+    After the token was lost, ``fresh=True`` loads a new instance for the
+    same module, in a library context of its own: pkcs11-provider 1.0
+    re-initialises its module only after a fork, so a connection that broke
+    (a p11-kit server restarted) is never re-opened by the old instance, and
+    only a separate library context lets a key be loaded from the new
+    instance and not the old one.  The key still signs for contexts of the
+    default library context (OpenSSL fetches the signature from the key's
+    own provider).  Older instances stay loaded: keys handed out earlier
+    still belong to them."""
 
     NAME = "mtls_engine_pkcs11"
 
     def __init__(self) -> None:
         self._module: str | None = None
+        self._libctx: Any = ffi.NULL  # where the current instance lives
+        self._generation = 0
         self._lock = _fork.ForkSafeLock()
-        # One EVP_PKEY per token key, loaded once: pkcs11-provider keeps a
-        # session copy of a key it has used, which a second search would
-        # find as well.
-        self._keys: dict[tuple[str, str, int], Any] = {}
+        # One EVP_PKEY per token key and instance, loaded once:
+        # pkcs11-provider keeps a session copy of a key it has used, which a
+        # second search would find as well.
+        self._keys: dict[tuple[int, str, str, int], Any] = {}
 
     @property
     def module(self) -> str | None:
         return self._module
 
-    def activate(self, module: Module) -> None:
+    def activate(self, module: Module, *, fresh: bool = False) -> None:
+        """Load pkcs11-provider for ``module`` (a new instance when ``fresh``)."""
         with self._lock:
-            if self._module == module.path:
+            if self._module == module.path and not fresh:
                 return
-            if self._module is not None:
+            if self._module is not None and self._module != module.path:
                 raise BackendUnavailable(
                     f"pkcs11-provider already serves the PKCS#11 module {self._module} in this process and "
                     f"cannot serve a second one ({module.path}); use backend='engine' for it, or one module "
@@ -269,19 +345,32 @@ class _ProviderBackend:
             if not ok:
                 raise BackendUnavailable(path)
             _guard_pin_prompts()
-            # Keep the providers OpenSSL would use anyway (configured or the
-            # built-in default) active: adding a provider before any was
-            # used would switch the automatic default off.
-            lib.mtls_activate_fallbacks()
+            if self._module is None:
+                libctx = ffi.NULL
+                # Keep the providers OpenSSL would use anyway (configured or
+                # the built-in default) active: adding a provider before any
+                # was used would switch the automatic default off.
+                lib.mtls_activate_fallbacks()
+                extra: list[str] = []
+            else:
+                libctx = lib.mtls_libctx_new()
+                if libctx == ffi.NULL:
+                    raise BackendUnavailable("OpenSSL cannot create a library context for a new pkcs11-provider")
+                # pkcs11-provider digests and decodes through its own library
+                # context: OpenSSL's default provider must be there too.
+                extra = ["default = mtls_engine_default", ""]
             text_ = "\n".join(
                 ["openssl_conf = mtls_engine_init", "",
                  "[mtls_engine_init]", "providers = mtls_engine_providers", "",
-                 "[mtls_engine_providers]", f"{self.NAME} = mtls_engine_provider", "",
-                 *provider_section("mtls_engine_provider", path, module.path)]
+                 "[mtls_engine_providers]", f"{self.NAME} = mtls_engine_provider", *extra, "",
+                 *provider_section("mtls_engine_provider", path, module.path),
+                 *(["", "[mtls_engine_default]", "activate = 1"] if extra else [])]
             )  # fmt: skip
             line = ffi.new("long *")
             lib.ERR_clear_error()
-            if not lib.mtls_apply_config(text_.encode(), line) or not lib.mtls_provider_loaded(self.NAME.encode()):
+            if not lib.mtls_apply_config(libctx, text_.encode(), line) or not lib.mtls_provider_loaded(
+                libctx, self.NAME.encode()
+            ):
                 errors = consume_errors()
                 if line[0] > 0:
                     errors.append(f"line {line[0]} of mtls_engine's provider configuration")
@@ -290,20 +379,35 @@ class _ProviderBackend:
                     + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
                 )
             self._module = module.path
+            self._libctx = libctx
+            self._generation += 1
 
-    def load_private_key(self, module: Module, token: TokenInfo, key: KeyObject) -> Any:
-        self.activate(module)
+    def load_private_key(
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+    ) -> Any:
+        self.activate(module, fresh=fresh)
         with self._lock:
-            cached = self._keys.get((module.path, token.serial, key.handle))
+            slot = (self._generation, module.path, token.serial, key.handle)
+            cached = self._keys.get(slot)
             if cached is None:
-                cached = self._keys[(module.path, token.serial, key.handle)] = self._load(token, key)
+                cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
             return cached
 
-    def _load(self, token: TokenInfo, key: KeyObject) -> Any:
+    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
+        """``copies``: a new instance on a module whose state the old one
+        shares may also find the session copy the old instance made of the
+        key (pkcs11-provider caches keys that way, and session objects are
+        the whole process's).  mtls_engine's own search found exactly one
+        token object for this URI, so any further match is such a copy, and
+        the first key found is taken."""
         uri = key_uri(token, key)
         count = ffi.new("int *")
         lib.ERR_clear_error()
-        pkey = lib.mtls_store_load_private_key(uri.encode(), count)
+        pin_buf = _pin_buffer(pin)
+        try:
+            pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
+        finally:
+            _wipe(pin_buf, pin)
         if pkey == ffi.NULL:
             errors = consume_errors()
             if count[0] > 1:
@@ -347,7 +451,13 @@ def _after_fork() -> None:
 _fork.in_child("logging in to the card again", _after_fork)
 
 
-def load_private_key(backend: str, module: Module, token: TokenInfo, key: KeyObject) -> Any:
+def load_private_key(
+    backend: str, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+) -> Any:
+    """The token's key as an EVP_PKEY through ``backend``.  ``pin``: the
+    PIN mtls_engine's own login just verified, offered to a backend that
+    asks (its connection may be a separate login); ``fresh``: through a new
+    backend instance, after the token was lost."""
     if backend == "engine":
-        return ENGINE.load_private_key(module, token, key)
-    return PROVIDER.load_private_key(module, token, key)
+        return ENGINE.load_private_key(module, token, key, pin, fresh=fresh)
+    return PROVIDER.load_private_key(module, token, key, pin, fresh=fresh)

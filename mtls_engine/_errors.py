@@ -3,6 +3,8 @@ looked for and what to do; they never contain a PIN."""
 
 from __future__ import annotations
 
+import ssl
+
 __all__ = [
     "AmbiguousUri",
     "BackendUnavailable",
@@ -24,6 +26,7 @@ __all__ = [
     "PinWarning",
     "Pkcs11Error",
     "TokenNotFound",
+    "TokenUnavailable",
     "UriError",
 ]
 
@@ -65,6 +68,21 @@ class CrlError(ConfigError):
 
 class TokenNotFound(Error):
     """No token matches the URI."""
+
+
+class TokenUnavailable(Error, ssl.SSLError):
+    """A handshake needed the card key and the token could not sign, nor
+    make a test signature after it: it is unreachable, was removed (a
+    p11-kit server or network HSM that went away, a card pulled from its
+    reader) or no longer knows the key.  Also an ``ssl.SSLError``, so code
+    that handles TLS failures handles this one.  mtls_engine reaches the
+    token again by itself at a later handshake once it is back."""
+
+    library = "mtls_engine"
+    reason = "TOKEN_UNAVAILABLE"
+
+    def __str__(self) -> str:  # ssl.SSLError's own shows the args tuple
+        return str(self.args[0]) if self.args else ""
 
 
 class ObjectNotFound(Error):

@@ -98,10 +98,21 @@ class KeyObject:
 
 AFTER_FORK_PATIENCE = 2.0  # seconds
 
+# What p11-kit-client.so reports as its library while it has no connection
+# to a p11-kit server (its C_Initialize succeeds all the same, with no slots).
+P11_KIT_NO_CONNECTION = "p11-kit (no connection)"
+
 
 class Module:
     """One loaded, initialised PKCS#11 module (cached per path, never
-    finalised: the backend shares it)."""
+    finalised: the backend shares it).
+
+    ``isolated``: the module gives each caller of C_GetFunctionList an
+    instance of its own, with its own sessions and login
+    (p11-kit-client.so: one connection, served by its own p11-kit-remote
+    process, per caller).  The backend's connection then needs a login of
+    its own, and this instance may be re-initialised after the token was
+    lost without touching the backend's."""
 
     _cache: ClassVar[dict[str, Module]] = {}
     _cache_lock: ClassVar[ForkSafeLock] = ForkSafeLock()
@@ -114,12 +125,40 @@ class Module:
         # Tokens logged in through this module, with how: a forked child
         # logs them in again the same way (see after_fork).
         self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytes | None], Any, bool]] = {}
+        self._read_info()
+        other = lib.mtls_module_function_list(path.encode())
+        self.isolated = other != ffi.NULL and other != functions
+
+    def _read_info(self) -> None:
         info = ffi.new("CK_INFO *")
         self._check(self.fl.C_GetInfo(info), "C_GetInfo")
         self.info = info
         self.manufacturer = _pad(info.manufacturerID)
         self.description = _pad(info.libraryDescription)
         self.cryptoki_version = (info.cryptokiVersion.major, info.cryptokiVersion.minor)
+
+    @property
+    def disconnected(self) -> bool:
+        """p11-kit-client.so without a connection to its p11-kit server."""
+        return self.description == P11_KIT_NO_CONNECTION
+
+    def reopen(self) -> None:
+        """After the token was lost (a p11-kit server restarted, a card
+        pulled): forget this module's sessions, and re-initialise an
+        isolated instance, which is the only way p11-kit-client.so
+        connects again.  A shared module is never finalised here (the
+        backend uses it); its next session is simply a new one."""
+        with self._lock:
+            self._sessions.clear()
+            if not self.isolated:
+                return
+            self.fl.C_Finalize(ffi.NULL)
+            args = ffi.new("CK_C_INITIALIZE_ARGS *")
+            args.flags = lib.CKF_OS_LOCKING_OK
+            rv = self.fl.C_Initialize(args)
+            if rv not in (lib.CKR_OK, lib.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+                raise Pkcs11Error(f"C_Initialize failed with {ckr(rv)} (module {self.path})", rv)
+            self._read_info()
 
     @classmethod
     def load(cls, path: str) -> Module:
@@ -201,6 +240,13 @@ class Module:
             if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(self._raw_token_info(tok.slot_id)):
                 matches.append(tok)
         if not matches:
+            if self.disconnected:
+                address = os.environ.get("P11_KIT_SERVER_ADDRESS") or "(P11_KIT_SERVER_ADDRESS is not set)"
+                raise TokenNotFound(
+                    f"no token matches {uri.safe!r}: {self.path!r} has no connection to a p11-kit server "
+                    f"(address {address}). Start the server (p11-kit server --provider MODULE 'pkcs11:...') "
+                    "and set P11_KIT_SERVER_ADDRESS to the address it prints"
+                )
             present = ", ".join(str(t) for t in all_tokens) or "none"
             raise TokenNotFound(
                 f"no token matches {uri.safe!r} in module {self.path!r}; tokens present: "
@@ -243,11 +289,18 @@ class Module:
         *,
         pin_memory: Any,
         allow_final_try: bool = False,
-    ) -> None:
-        """Log the token in, at most one C_Login, only when it is safe."""
+    ) -> bytes | None:
+        """Log the token in, at most one C_Login, only when it is safe.
+
+        Returns the PIN this C_Login accepted (None when no PIN was used:
+        already logged in, no login needed, or a pinpad), so that a backend
+        whose connection to the token is separate from this one
+        (p11-kit-client.so) can be offered that verified PIN and nothing
+        else."""
         with self._lock:
-            self._login(token, get_pin, pin_memory, allow_final_try)
+            verified = self._login(token, get_pin, pin_memory, allow_final_try)
             self._logins.setdefault(token.slot_id, (token, get_pin, pin_memory, allow_final_try))
+            return verified
 
     def _login(
         self,
@@ -256,13 +309,13 @@ class Module:
         pin_memory: Any,
         allow_final_try: bool,
         again: bool = False,
-    ) -> None:
+    ) -> bytes | None:
         with self._lock:
             if self.logged_in(token.slot_id):
-                return
+                return None
             fresh = self.token_info(token.slot_id)
             if not fresh.flags & lib.CKF_LOGIN_REQUIRED:
-                return
+                return None
             if fresh.flags & lib.CKF_USER_PIN_LOCKED:
                 raise PinLocked(
                     f"the user PIN of {fresh} is locked; mtls_engine did not try to log in. "
@@ -316,7 +369,7 @@ class Module:
             if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
                 if pin is not None and rv == lib.CKR_OK:
                     pin_memory.accepted(fresh, pin)
-                return
+                return pin
             if rv == lib.CKR_PIN_INCORRECT:
                 if pin is not None:
                     pin_memory.remember(fresh, pin)
@@ -343,6 +396,7 @@ class Module:
                 # trying it again cannot cost a try (see after_fork).
                 exc.retry_safe = bool(known_good)
                 raise
+            return None  # not reached: _check raised
 
     def after_fork(self, reinitialized: bool) -> None:
         """In a forked child: forget the parent's sessions, initialise the

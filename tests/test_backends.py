@@ -99,10 +99,10 @@ srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
 import mtls_engine
 from mtls_engine._backends import PROVIDER
-from mtls_engine._lib import lib
+from mtls_engine._lib import ffi, lib
 from tests.servers import echo_server, server_context, talk
 
-assert PROVIDER.module is None and not lib.mtls_provider_loaded(PROVIDER.NAME.encode())
+assert PROVIDER.module is None and not lib.mtls_provider_loaded(ffi.NULL, PROVIDER.NAME.encode())
 srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
 with echo_server(srv) as s:
     for (uri, version), ctx in contexts.items():
@@ -131,10 +131,41 @@ def test_contexts_created_before_the_backend_was_loaded(pki: Pki, backend: str) 
     assert proc.stdout.splitlines() == [*expected, "done"]
 
 
+ENGINE_TWO_MODULES = """
+import os, mtls_engine
+from tests.servers import echo_server, server_context, talk
+
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+contexts = [mtls_engine.client_context(os.environ["T_URI"], cafile=os.environ["T_CA"], module=module,
+                                       pin=os.environ["T_PIN"], backend="engine")
+            for module in (os.environ["T_MODULE"], os.environ["T_OTHER"])]
+with echo_server(srv) as s:
+    for ctx in contexts:
+        print(talk(ctx, s.port)["subject"])
+"""
+
+
+def test_engine_serves_a_second_module_in_the_same_process(pki: Pki, spy: str, tmp_path: Path) -> None:
+    """OpenSSL 3 lets one engine library back one ENGINE at a time (a second
+    load of pkcs11.so fails with "init failed"): the second module's engine
+    instance comes from a private copy of the library, and both sign."""
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    proc = run_python(
+        ENGINE_TWO_MODULES,
+        env={"T_MODULE": pki.module, "T_OTHER": spy, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
+             "PKCS11SPY": pki.module, "PKCS11SPY_OUTPUT": str(tmp_path / "spy.log"), "T_CA": str(pki.ca_file),
+             "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key), "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["commonName=card-holder ec256"] * 2
+    # The copy was removed once loaded.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spy.log"]
+
+
 NO_ENGINE_CHECK = """
 import ssl, mtls_engine
 from mtls_engine._backends import choose, engine_status
-from mtls_engine._lib import lib
+from mtls_engine._lib import ffi, lib
 assert lib.MTLS_HAS_ENGINE == 0
 print(engine_status())
 try:

@@ -12,6 +12,7 @@ touch the session's shared tokens.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -385,13 +386,75 @@ def test_sign_with_an_unknown_label_refuses_to_sign(card: ShimCard, pki: Pki, tm
     env = card.env(tmp_path, sign_with="nosuch")
     out, stderr = _swap(card, pki, env, backend)
     for version in ("TLSv1_3", "TLSv1_2"):
-        assert out[version]["stage"] == "handshake" and out[version]["text"] == "[SSL] EVP lib", out
+        # The signature failed, and a test signature after it: the card is
+        # named as the cause (mtls_engine would look for the key again).
+        assert out[version]["stage"] == "handshake" and out[version]["error"] == "TokenUnavailable", out
+        assert out[version]["reason"] == "TOKEN_UNAVAILABLE"
+        assert (
+            out[version]["text"].startswith("the card key 'ec256' on token 'shimcard' (serial ")
+            and "could not sign this handshake, nor a test signature after it (module mtls-p11shim"
+            in out[version]["text"]
+        ), out
+        # libp11: "Key handle invalid"; pkcs11-provider: "The specified key handle is not valid"
+        assert re.search(r"key handle (invalid|is not valid)", out[version]["text"], re.IGNORECASE), out
         assert out[version]["server"] == ["[SSL: TLSV1_ALERT_INTERNAL_ERROR] tlsv1 alert internal error"]
         assert out[version]["reasons"] == []  # the client gave up; the server refused nobody
     inits = _sign_inits(env)
     assert inits and set(inits) == {(KEY_HANDLE_INVALID, "mech=0x00001041 swapped=no sign_with=nosuch found=0")}
     assert p11shim.signatures(env["MTLS_SHIM_LOG"]) == 0
     assert "p11shim: MTLS_SHIM_SIGN_WITH: 0 private keys labelled 'nosuch'" in stderr
+
+
+KEY_GONE_SCRIPT = """
+import json, os, socket, ssl, time
+import mtls_engine
+from tests.servers import echo_server
+
+E = os.environ
+ctx = mtls_engine.client_context(E["T_URI"], cafile=E["T_CA"], module=E["T_MODULE"], pin=E["T_PIN"],
+                                 backend=E["T_BACKEND"])
+out = []
+with echo_server(mtls_engine.server_context(E["T_SCERT"], E["T_SKEY"], E["T_CA"])) as srv:
+    for _ in range(3):
+        try:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"hello")
+                    tls.recv(4096)
+            out.append(["ok", ""])
+        except ssl.SSLError as exc:
+            out.append([type(exc).__name__, str(exc)])
+        out[-1].append(len([l for l in open(E["MTLS_SHIM_LOG"]) if "C_SignInit" in l]))
+        time.sleep(0.3)  # past the 0.2 s between two attempts
+print(json.dumps(out))
+"""
+
+
+def test_a_key_that_still_cannot_sign_after_reconnecting_stops_the_attempts(
+    card: ShimCard, pki: Pki, tmp_path: Path, backend: str
+) -> None:
+    """The token answers but its key cannot sign (the shim refuses the key
+    handle): the failed signature and a failed test signature name the card;
+    the next handshake reconnects once (finds the same token and key, loads
+    it anew) and, the new key failing its test signature too, stops: later
+    handshakes fail at once, with no more signatures tried, no new backend
+    instance and no login."""
+    env = {**card.env(tmp_path, sign_with="nosuch"), "T_URI": card.key_uri, "T_CA": str(pki.ca_file),
+           "T_PIN": PIN, "T_BACKEND": backend, "T_SCERT": str(pki.server_cert),
+           "T_SKEY": str(pki.server_key)}  # fmt: skip
+    first, second, third = _last_json(run_python(KEY_GONE_SCRIPT, env))
+    assert first[0] == second[0] == third[0] == "TokenUnavailable"
+    assert "could not sign this handshake, nor a test signature after it" in first[1]
+    assert (
+        "mtls_engine stopped reconnecting to it (Pkcs11Error: mtls_engine reconnected to token 'shimcard'" in second[1]
+    )
+    assert "found the key 'ec256' again, but it still cannot sign" in second[1]
+    assert "call mtls_engine.reconnect(ctx)" in second[1]
+    assert third[1] == second[1]
+    # C_SignInit calls: the handshake's and the test signature; the reloaded
+    # key's test signature; then none
+    assert 0 < first[2] < second[2] == third[2]
+    assert len(_logins(env)) == 1  # the token stayed logged in: no second C_Login
 
 
 # ---- the command line on the same tokens ---------------------------------------
