@@ -52,14 +52,18 @@ class EchoServer:
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
-    def _serve(self) -> None:
+    def accepted(self) -> Iterator[ssl.SSLSocket]:
+        """Each connection, wrapped for TLS, its handshake not yet done."""
         while not self._stop:
             try:
                 raw, _ = self.sock.accept()
             except OSError:
                 return
             raw.settimeout(10)
-            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            yield self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+
+    def _serve(self) -> None:
+        for tls in self.accepted():
             try:
                 tls.do_handshake()
             except (ssl.SSLError, OSError) as exc:

@@ -28,6 +28,7 @@ import mtls_engine
 from mtls_engine._reconnect import card_of
 
 from .p11kit import P11KitServer
+from .servers import EchoServer
 
 RECOVERY_WAIT = 10.0  # seconds the scenario waits at most for a reconnection
 
@@ -77,25 +78,16 @@ def _asyncio_handshake(ctx: ssl.SSLContext, port: int) -> None:
     asyncio.run(talk())
 
 
-class _Echo:
+class _Echo(EchoServer):
     """A TLS echo server on loopback that records every handshake's
     outcome (the exception class, for a server whose key is on the token)."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.outcomes: list[dict[str, Any]] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(ctx)
 
     def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            raw.settimeout(10)
-            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        for tls in self.accepted():
 
             def serve(tls: ssl.SSLSocket = tls) -> None:
                 tls.do_handshake()
