@@ -3,6 +3,7 @@ with a private key that stays on a smart card, HSM or PKCS#11 token."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ._errors import (
@@ -47,9 +48,24 @@ def _located_by_runpy_as_command() -> bool:
     return False
 
 
+def _imported_by_the_console_script() -> bool:
+    """True while the ``mtls-engine`` command's wrapper (which pip writes:
+    ``from mtls_engine.__main__ import run``) imports this package: that
+    wrapper is the ``__main__`` module and is named ``mtls-engine``."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    return (
+        bool(sys.argv)
+        and os.path.basename(sys.argv[0]) in ("mtls-engine", "mtls-engine.exe")
+        and script is not None
+        and os.path.realpath(script) == os.path.realpath(sys.argv[0])
+    )
+
+
 # Set when this interpreter's ssl cannot be used and the package is being
-# imported to run ``python -m mtls_engine``: __main__ then says so in one
-# line and exits 1.  Everyone else gets the InterpreterSslError at import.
+# imported to run ``python -m mtls_engine`` or the ``mtls-engine`` command:
+# __main__ then says so in one line and exits 1.  Everyone else gets the
+# InterpreterSslError at import.
 _import_refusal: InterpreterSslError | None = None
 
 try:
@@ -60,7 +76,7 @@ try:
     from ._reconnect import reconnect
     from ._server import Rejection, load_crls, pin_of, server_context
 except InterpreterSslError as exc:
-    if not _located_by_runpy_as_command():
+    if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
         raise
     _import_refusal = exc
 

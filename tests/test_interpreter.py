@@ -30,7 +30,7 @@ from mtls_engine._context import ssl_ctx_pointer
 from mtls_engine._lib import InterpreterFacts, check_interpreter, check_same_openssl, expected_object_header, lib
 
 from .conftest import need
-from .helpers import run_module, run_python
+from .helpers import ROOT, run_module, run_python
 
 
 def facts(**changes: object) -> InterpreterFacts:
@@ -350,6 +350,38 @@ def test_command_on_a_refused_interpreter_says_why_in_one_line(case: str, args: 
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [f"mtls_engine: error: {_import_error(prepare)}"]
     assert words in proc.stderr
+
+
+@pytest.mark.parametrize("case", sorted(_COMMAND_CASES))
+def test_console_script_on_a_refused_interpreter_says_why_in_one_line(case: str, tmp_path: Path) -> None:
+    """The ``mtls-engine`` command (the wrapper pip writes for the
+    project.scripts entry ``mtls_engine.__main__:run``) refuses the same way."""
+    prepare, words = _COMMAND_CASES[case]
+    site = _stand_in_site(tmp_path / "site", prepare)
+    script = tmp_path / "bin" / "mtls-engine"
+    script.parent.mkdir()
+    script.write_text(
+        "import sys\nfrom mtls_engine.__main__ import run\nif __name__ == '__main__':\n"
+        "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit(run())\n"
+    )
+    entry = _script_entries()["mtls-engine"]
+    assert entry == "mtls_engine.__main__:run"  # what the wrapper above imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), "check"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=str(tmp_path))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"mtls_engine: error: {_import_error(prepare)}"]
+    assert words in proc.stderr
+
+
+def _script_entries() -> dict[str, str]:
+    """project.scripts of pyproject.toml (read by hand: tomllib is 3.11+)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return {
+        k.strip(): v.strip().strip('"') for k, v in (line.split("=", 1) for line in section.splitlines() if "=" in line)
+    }
 
 
 def test_command_with_another_openssl_says_why_in_one_line(ssl_with_other_openssl: str, tmp_path: Path) -> None:
