@@ -4,8 +4,10 @@ A network HSM behind ``p11-kit server``, a card pulled from its reader: the
 card key's signatures fail from that moment, and neither backend gets them
 back by itself.  p11-kit-client.so closes a connection that failed and
 answers every later call with CKR_DEVICE_ERROR until its caller finalises
-and re-initialises it; libp11 0.4.12 and pkcs11-provider 1.0 re-initialise
-their module only after a fork.  So mtls_engine does it:
+and re-initialises it; libp11 (0.4.12, 0.4.13) and pkcs11-provider 1.0
+re-initialise their module only after a fork (and libp11 0.4.13 would wait
+for ever for a session: csrc/helper.c, C_GetFunctionList).  So mtls_engine
+does it:
 
 - C callbacks on every context that holds a card key notice a failed
   signature (this side sends a fatal alert while signing its
