@@ -289,21 +289,190 @@ static int mtls_guard_pin_prompts(void)
 
 #ifdef MTLS_WITH_ENGINE
 
+/* ---- the engine's PKCS#11 module, seen through one changed entry ------
+
+   libp11 keeps a pool of sessions per slot; pkcs11_get_session() takes one
+   before every signature.  libp11 0.4.13 (Debian 13) first drops pooled
+   sessions that C_GetSessionInfo calls invalid, then opens a new one, and
+   when C_OpenSession fails with anything but CKR_TOKEN_NOT_RECOGNIZED (or
+   CKR_SESSION_COUNT) it waits on a condition variable that only a session
+   handed back to the pool signals.  With the token gone (a p11-kit server
+   stopped: CKR_DEVICE_ERROR; a card pulled: CKR_TOKEN_NOT_PRESENT) no
+   session ever comes back: the signing thread, and every later one, waits
+   for ever inside OpenSSL (measured; fixed upstream after 0.4.13,
+   OpenSC/libp11 pull request 579).  libp11 0.4.12 never re-checks pooled
+   sessions, so a lost token fails its C_Sign instead and the wait is not
+   reached there.
+
+   So libp11 does not load the PKCS#11 module itself: its MODULE_PATH is
+   this extension, whose C_GetFunctionList (below) loads the real module,
+   asks it for its function list (as libp11 would have: p11-kit-client.so
+   gives every caller its own connection) and hands libp11 a copy in which
+   only C_OpenSession differs: a failure other than CKR_SESSION_COUNT goes
+   on OpenSSL's error queue with the module's own code ("PKCS#11
+   C_OpenSession::CKR_DEVICE_ERROR") and reaches libp11 as
+   CKR_TOKEN_NOT_RECOGNIZED, the one failure libp11 0.4.13 gives up on
+   (later versions give up on any; 0.4.12 waits on any, but opens sessions
+   only while its pool is empty, never to replace one).  Every other entry
+   is the module's own: nothing is added per signature.
+
+   Which module to load is a thread-local, set around the engine calls that
+   may load it (ENGINE_init, ENGINE_load_private_key): libp11 calls
+   C_GetFunctionList on the calling thread. */
+
+#define MTLS_P11_WRAPS 64 /* engine instances per process (one per module, one more per reconnection) */
+
+struct mtls_p11_wrap {
+    CK_FUNCTION_LIST list; /* what libp11 calls */
+    CK_RV (*open_session)(CK_SLOT_ID, CK_FLAGS, CK_VOID_PTR, CK_NOTIFY, CK_SESSION_HANDLE_PTR);
+};
+static struct mtls_p11_wrap mtls_p11_wraps[MTLS_P11_WRAPS];
+static int mtls_p11_wrap_count = 0;
+static __thread const char *mtls_p11_target = NULL;
+
+/* OpenSSL error library "PKCS#11 C_OpenSession", its reasons the CKR_
+   names (the reason code is the CK_RV). */
+static int mtls_p11_err_lib = 0;
+static ERR_STRING_DATA mtls_p11_err_lib_name[] = {
+    {0, "PKCS#11 C_OpenSession"}, /* its code is set once the library number is known */
+    {0, NULL},
+};
+static ERR_STRING_DATA mtls_p11_err_strings[] = {
+    {ERR_PACK(0, 0, CKR_GENERAL_ERROR), "CKR_GENERAL_ERROR"},
+    {ERR_PACK(0, 0, CKR_FUNCTION_FAILED), "CKR_FUNCTION_FAILED"},
+    {ERR_PACK(0, 0, CKR_HOST_MEMORY), "CKR_HOST_MEMORY"},
+    {ERR_PACK(0, 0, CKR_SLOT_ID_INVALID), "CKR_SLOT_ID_INVALID"},
+    {ERR_PACK(0, 0, CKR_DEVICE_ERROR), "CKR_DEVICE_ERROR"},
+    {ERR_PACK(0, 0, CKR_DEVICE_MEMORY), "CKR_DEVICE_MEMORY"},
+    {ERR_PACK(0, 0, CKR_DEVICE_REMOVED), "CKR_DEVICE_REMOVED"},
+    {ERR_PACK(0, 0, CKR_SESSION_PARALLEL_NOT_SUPPORTED), "CKR_SESSION_PARALLEL_NOT_SUPPORTED"},
+    {ERR_PACK(0, 0, CKR_SESSION_READ_WRITE_SO_EXISTS), "CKR_SESSION_READ_WRITE_SO_EXISTS"},
+    {ERR_PACK(0, 0, CKR_TOKEN_NOT_PRESENT), "CKR_TOKEN_NOT_PRESENT"},
+    {ERR_PACK(0, 0, CKR_TOKEN_NOT_RECOGNIZED), "CKR_TOKEN_NOT_RECOGNIZED"},
+    {ERR_PACK(0, 0, CKR_TOKEN_WRITE_PROTECTED), "CKR_TOKEN_WRITE_PROTECTED"},
+    {ERR_PACK(0, 0, CKR_CRYPTOKI_NOT_INITIALIZED), "CKR_CRYPTOKI_NOT_INITIALIZED"},
+    {ERR_PACK(0, 0, CKR_ARGUMENTS_BAD), "CKR_ARGUMENTS_BAD"},
+    {0, NULL},
+};
+#define MTLS_P11_VENDOR_REASON 0xFFFF /* a CK_RV too large for a reason code */
+
+static void mtls_p11_raise(CK_RV rv)
+{
+    int reason = rv < MTLS_P11_VENDOR_REASON ? (int)rv : MTLS_P11_VENDOR_REASON;
+    if (__atomic_load_n(&mtls_p11_err_lib, __ATOMIC_ACQUIRE) == 0)
+        return; /* set before any wrapper is handed out */
+#if OPENSSL_VERSION_MAJOR >= 3
+    ERR_raise(mtls_p11_err_lib, reason);
+#else
+    ERR_put_error(mtls_p11_err_lib, 0, reason, __FILE__, __LINE__);
+#endif
+}
+
+static CK_RV mtls_p11_open_session(int i, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                                   CK_SESSION_HANDLE_PTR session)
+{
+    CK_RV rv = mtls_p11_wraps[i].open_session(slot, flags, app, notify, session);
+    if (rv == CKR_OK || rv == CKR_SESSION_COUNT)
+        return rv;
+    mtls_p11_raise(rv);
+    return CKR_TOKEN_NOT_RECOGNIZED;
+}
+
+#define MTLS_P11_OPEN(r, c)                                                                                     \
+    static CK_RV mtls_p11_open_##r##_##c(CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n,                  \
+                                         CK_SESSION_HANDLE_PTR h)                                              \
+    {                                                                                                           \
+        return mtls_p11_open_session((r) * 8 + (c), s, f, a, n, h);                                             \
+    }
+#define MTLS_P11_OPEN8(r)                                                                                       \
+    MTLS_P11_OPEN(r, 0) MTLS_P11_OPEN(r, 1) MTLS_P11_OPEN(r, 2) MTLS_P11_OPEN(r, 3)                             \
+    MTLS_P11_OPEN(r, 4) MTLS_P11_OPEN(r, 5) MTLS_P11_OPEN(r, 6) MTLS_P11_OPEN(r, 7)
+MTLS_P11_OPEN8(0) MTLS_P11_OPEN8(1) MTLS_P11_OPEN8(2) MTLS_P11_OPEN8(3)
+MTLS_P11_OPEN8(4) MTLS_P11_OPEN8(5) MTLS_P11_OPEN8(6) MTLS_P11_OPEN8(7)
+#define MTLS_P11_ROW(r)                                                                                         \
+    mtls_p11_open_##r##_0, mtls_p11_open_##r##_1, mtls_p11_open_##r##_2, mtls_p11_open_##r##_3,               \
+    mtls_p11_open_##r##_4, mtls_p11_open_##r##_5, mtls_p11_open_##r##_6, mtls_p11_open_##r##_7
+/* wrapper i is mtls_p11_opens[i] */
+static CK_RV (*const mtls_p11_opens[MTLS_P11_WRAPS])(CK_SLOT_ID, CK_FLAGS, CK_VOID_PTR, CK_NOTIFY,
+                                                      CK_SESSION_HANDLE_PTR) = {
+    MTLS_P11_ROW(0), MTLS_P11_ROW(1), MTLS_P11_ROW(2), MTLS_P11_ROW(3),
+    MTLS_P11_ROW(4), MTLS_P11_ROW(5), MTLS_P11_ROW(6), MTLS_P11_ROW(7),
+};
+
+/* Called by libp11 (dlsym on this extension), on the thread of an engine
+   call that set mtls_p11_target.  Past MTLS_P11_WRAPS instances the
+   module's own list is handed out unchanged. */
+__attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
+{
+    const char *target = mtls_p11_target;
+    void *handle;
+    CK_RV (*get)(CK_FUNCTION_LIST_PTR_PTR);
+    CK_FUNCTION_LIST_PTR real = NULL;
+    CK_RV rv;
+    int i;
+    if (out == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (target == NULL)
+        return CKR_GENERAL_ERROR; /* not called for an engine mtls_engine opened */
+    handle = dlopen(target, RTLD_NOW | RTLD_LOCAL); /* kept open: libp11 holds its functions */
+    if (handle == NULL)
+        return CKR_GENERAL_ERROR;
+    *(void **)&get = dlsym(handle, "C_GetFunctionList");
+    if (get == NULL)
+        return CKR_GENERAL_ERROR;
+    rv = get(&real);
+    if (rv != CKR_OK || real == NULL)
+        return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+    if (__atomic_load_n(&mtls_p11_err_lib, __ATOMIC_ACQUIRE) == 0) {
+        int lib = ERR_get_next_error_library();
+        mtls_p11_err_lib_name[0].error = ERR_PACK(lib, 0, 0);
+        ERR_load_strings(lib, mtls_p11_err_lib_name);
+        ERR_load_strings(lib, mtls_p11_err_strings);
+        __atomic_store_n(&mtls_p11_err_lib, lib, __ATOMIC_RELEASE);
+    }
+    i = __atomic_fetch_add(&mtls_p11_wrap_count, 1, __ATOMIC_ACQ_REL);
+    if (i >= MTLS_P11_WRAPS || real->C_OpenSession == NULL) {
+        *out = real;
+        return CKR_OK;
+    }
+    mtls_p11_wraps[i].list = *real;
+    if (mtls_p11_wraps[i].list.version.major > 2) { /* only the 2.x entries were copied */
+        mtls_p11_wraps[i].list.version.major = 2;
+        mtls_p11_wraps[i].list.version.minor = 40;
+    }
+    mtls_p11_wraps[i].open_session = real->C_OpenSession;
+    mtls_p11_wraps[i].list.C_OpenSession = mtls_p11_opens[i];
+    *out = &mtls_p11_wraps[i].list;
+    return CKR_OK;
+}
+
+/* How many engine instances got the changed function list (for tests). */
+static int mtls_p11_wrapped(void)
+{
+    int n = __atomic_load_n(&mtls_p11_wrap_count, __ATOMIC_ACQUIRE);
+    return n < MTLS_P11_WRAPS ? n : MTLS_P11_WRAPS;
+}
+
 /* Load libp11's engine from `so_path` as a private instance (not added to
    OpenSSL's global engine list, so it cannot clash with an engine that an
-   openssl.cnf loaded) and point it at the PKCS#11 module.  Returns a
-   functional reference, or NULL with the reason on the error queue. */
-static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
+   openssl.cnf loaded) and point it at the PKCS#11 module `module_path`,
+   through `self_path` (this extension, see above).  Returns a functional
+   reference, or NULL with the reason on the error queue. */
+static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path)
 {
+    int ok;
     ENGINE *e = ENGINE_by_id("dynamic");
     if (e == NULL)
         return NULL;
-    if (!ENGINE_ctrl_cmd_string(e, "SO_PATH", so_path, 0)
-        || !ENGINE_ctrl_cmd_string(e, "ID", "pkcs11", 0)
-        || !ENGINE_ctrl_cmd_string(e, "LIST_ADD", "0", 0)
-        || !ENGINE_ctrl_cmd_string(e, "LOAD", NULL, 0)
-        || !ENGINE_ctrl_cmd_string(e, "MODULE_PATH", module_path, 0)
-        || !ENGINE_init(e)) {
+    mtls_p11_target = module_path;
+    ok = ENGINE_ctrl_cmd_string(e, "SO_PATH", so_path, 0)
+        && ENGINE_ctrl_cmd_string(e, "ID", "pkcs11", 0)
+        && ENGINE_ctrl_cmd_string(e, "LIST_ADD", "0", 0)
+        && ENGINE_ctrl_cmd_string(e, "LOAD", NULL, 0)
+        && ENGINE_ctrl_cmd_string(e, "MODULE_PATH", self_path, 0)
+        && ENGINE_init(e);
+    mtls_p11_target = NULL;
+    if (!ok) {
         ENGINE_free(e);
         return NULL;
     }
@@ -311,10 +480,15 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
     return e;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri, const char *pin, int pin_len)
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, const char *uri, const char *pin,
+                                              int pin_len)
 {
     struct mtls_pin_offer offer = {pin, pin_len, 0};
-    return ENGINE_load_private_key(e, uri, mtls_pin_ui(), &offer);
+    EVP_PKEY *pkey;
+    mtls_p11_target = module_path; /* libp11 loads its module at its first key */
+    pkey = ENGINE_load_private_key(e, uri, mtls_pin_ui(), &offer);
+    mtls_p11_target = NULL;
+    return pkey;
 }
 
 static void mtls_engine_close(ENGINE *e)
@@ -341,16 +515,24 @@ static int mtls_engine_listed(const char *id)
 
 #else
 
-static ENGINE *mtls_engine_open(const char *so_path, const char *module_path)
+static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path)
 {
     (void)so_path;
+    (void)self_path;
     (void)module_path;
     return NULL;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *uri, const char *pin, int pin_len)
+static int mtls_p11_wrapped(void)
+{
+    return 0;
+}
+
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, const char *uri, const char *pin,
+                                              int pin_len)
 {
     (void)e;
+    (void)module_path;
     (void)uri;
     (void)pin;
     (void)pin_len;

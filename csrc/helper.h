@@ -16,8 +16,9 @@ int mtls_guard_pin_prompts(void);
 void *mtls_module_function_list(const char *);
 
 /* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
-ENGINE *mtls_engine_open(const char *, const char *);
-EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, const char *, int);
+ENGINE *mtls_engine_open(const char *, const char *, const char *);
+EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, const char *, const char *, int);
+int mtls_p11_wrapped(void);
 void mtls_engine_close(ENGINE *);
 int mtls_engine_listed(const char *);
 

@@ -17,7 +17,7 @@ from typing import Any
 from . import _fork
 from ._config import provider_section
 from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
-from ._lib import consume_errors, ffi, lib, text
+from ._lib import BINDING_PATH, consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
 from ._packages import Package, elf_package_note, upstream_version
 from ._uri import format_uri
@@ -211,7 +211,12 @@ class _EngineBackend:
     instance after the first is loaded from a private copy of the engine
     library (a temporary folder of its own, removed once loaded), which has
     its own libp11 state.  That also gives each PKCS#11 module its own
-    instance."""
+    instance.
+
+    Every instance reaches its module through this extension's
+    C_GetFunctionList (csrc/helper.c): the module's own functions, except
+    that a failed C_OpenSession makes libp11 fail the call instead of
+    waiting for ever (libp11 0.4.13, after the token went away)."""
 
     def __init__(self) -> None:
         self._engines: dict[str, Any] = {}
@@ -240,7 +245,7 @@ class _EngineBackend:
                 ) from None
         lib.ERR_clear_error()
         try:
-            e = lib.mtls_engine_open(so_path.encode(), module.path.encode())
+            e = lib.mtls_engine_open(so_path.encode(), BINDING_PATH.encode(), module.path.encode())
         finally:
             if copy_dir is not None:
                 shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
@@ -274,7 +279,7 @@ class _EngineBackend:
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
         try:
-            pkey = lib.mtls_engine_load_private_key(e, uri.encode(), pin_buf, len(pin or b""))
+            pkey = lib.mtls_engine_load_private_key(e, module.path.encode(), uri.encode(), pin_buf, len(pin or b""))
         finally:
             _wipe(pin_buf, pin)
         if pkey == ffi.NULL:

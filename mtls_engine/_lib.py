@@ -113,7 +113,13 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         "--no-binary mtls_engine mtls_engine)"
     ) from exc
 
+# The extension's own file: libp11's engine loads its PKCS#11 module through
+# it (csrc/helper.c, C_GetFunctionList).  Absolute: the engine may load it
+# after the working directory changed.
+BINDING_PATH = os.path.abspath(sys.modules[__name__.rpartition(".")[0] + "._binding"].__file__ or "")
+
 __all__ = [
+    "BINDING_PATH",
     "OBJECT_HEADER_SIZE",
     "InterpreterFacts",
     "check_interpreter",

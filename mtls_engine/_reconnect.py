@@ -4,8 +4,10 @@ A network HSM behind ``p11-kit server``, a card pulled from its reader: the
 card key's signatures fail from that moment, and neither backend gets them
 back by itself.  p11-kit-client.so closes a connection that failed and
 answers every later call with CKR_DEVICE_ERROR until its caller finalises
-and re-initialises it; libp11 0.4.12 and pkcs11-provider 1.0 re-initialise
-their module only after a fork.  So mtls_engine does it:
+and re-initialises it; libp11 (0.4.12, 0.4.13) and pkcs11-provider 1.0
+re-initialise their module only after a fork (and libp11 0.4.13 would wait
+for ever for a session: csrc/helper.c, C_GetFunctionList).  So mtls_engine
+does it:
 
 - C callbacks on every context that holds a card key notice a failed
   signature (this side sends a fatal alert while signing its
@@ -358,13 +360,23 @@ def reconnect(ctx: ssl.SSLContext) -> None:
 class _NamedErrors:
     """Mixed into the context's SSLSocket / SSLObject classes: a handshake
     that failed because the card could not sign raises TokenUnavailable
-    instead of OpenSSL's bare "[SSL] EVP lib"."""
+    instead of OpenSSL's bare "[SSL] EVP lib".  And every handshake step and
+    read starts with this thread's OpenSSL error queue empty: OpenSSL tells
+    "needs more bytes" or the peer's close_notify from a failure by that
+    queue, CPython does not empty it first, and pkcs11-provider 1.0 leaves
+    an error on whichever thread frees a certificate key it imported for a
+    comparison with the card key (mtls_engine/aio.py, _fresh)."""
 
     __slots__ = ()
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        lib.ERR_clear_error()
+        return super().read(*args, **kwargs)  # type: ignore[misc]
 
     def do_handshake(self, *args: Any, **kwargs: Any) -> Any:
         card = card_of(self.context)  # type: ignore[attr-defined]
         before = card.snapshot() if card is not None else (0, 0)
+        lib.ERR_clear_error()
         try:
             return super().do_handshake(*args, **kwargs)  # type: ignore[misc]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLCertVerificationError):

@@ -89,6 +89,8 @@ from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any, Optional, cast
 
+from ._lib import lib
+
 __all__ = ["open_connection", "start_server"]
 
 log = logging.getLogger("mtls_engine.aio")
@@ -105,6 +107,29 @@ _READ_SIZE = 256 * 1024  # plaintext per data_received, at most
 
 # _TLSStream states
 _HANDSHAKE, _OPEN, _CLOSING, _REFUSED, _CLOSED = "handshake", "open", "closing", "refused", "closed"
+
+
+def _fresh() -> None:
+    """Empty this thread's OpenSSL error queue before an SSLObject call.
+    OpenSSL tells "needs more bytes" from a failure by that queue
+    (SSL_get_error), and CPython does not empty it first: an error some
+    other code left on the loop's thread turns the next read that waits for
+    the peer into an ``ssl.SSLError`` carrying that error.  pkcs11-provider
+    1.0 leaves one ("General Error", its "Objects pool in inconsistent
+    state") on whichever thread frees a certificate public key that OpenSSL
+    had imported into it to compare with the card key: a garbage collection
+    on the loop's thread, say (measured: it does so on Debian 12 and 13;
+    on Debian 13 it failed 7 of 40 runs of tests/test_aio.py's
+    20-connection echo)."""
+    lib.ERR_clear_error()
+
+
+def _handshake_step(ssl_object: _ssl.SSLObject) -> Callable[[], None]:
+    def step() -> None:
+        _fresh()
+        ssl_object.do_handshake()
+
+    return step
 
 
 def _in_thread(
@@ -221,7 +246,7 @@ class _TLSStream(asyncio.BufferedProtocol, asyncio.Transport):
             await self._gate.acquire()
             release = self._gate.release  # when the thread ends, not when we stop waiting for it
         try:
-            await _in_thread(self._loop, self._ssl.do_handshake, release)
+            await _in_thread(self._loop, _handshake_step(self._ssl), release)
             done = True
         except _ssl.SSLWantReadError:
             done = False
@@ -354,6 +379,7 @@ class _TLSStream(asyncio.BufferedProtocol, asyncio.Transport):
             size, end, error = 0, False, None
             try:
                 while size < _READ_SIZE:
+                    _fresh()
                     chunk = self._ssl.read(_READ_SIZE - size)
                     if not chunk:  # close_notify
                         end = True
@@ -382,6 +408,7 @@ class _TLSStream(asyncio.BufferedProtocol, asyncio.Transport):
         """Encrypt queued plaintext, then (when ending) close_notify and FIN/close."""
         while self._backlog and self._state in (_OPEN, _CLOSING):
             try:
+                _fresh()
                 self._ssl.write(self._backlog[0])
             except _ssl.SSLWantReadError:
                 break  # a TLS 1.2 renegotiation: retried when the peer's records come
@@ -392,6 +419,7 @@ class _TLSStream(asyncio.BufferedProtocol, asyncio.Transport):
         if self._ending is not None and not self._backlog and not self._notify_sent:
             self._notify_sent = True
             with contextlib.suppress(_ssl.SSLError):  # SSLWantReadError: we do not wait for the peer's
+                _fresh()
                 self._ssl.unwrap()
         self._flush()
         if self._notify_sent and self._ending == "close":

@@ -162,6 +162,52 @@ def test_engine_serves_a_second_module_in_the_same_process(pki: Pki, spy: str, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spy.log"]
 
 
+ENGINE_MODULE_THROUGH_MTLS = """
+import ctypes, os, mtls_engine
+from mtls_engine._lib import BINDING_PATH, lib
+from mtls_engine._reconnect import card_of
+from tests.servers import echo_server, server_context, talk
+
+# Called by anyone but an engine that mtls_engine is starting, the
+# extension is no PKCS#11 module: CKR_GENERAL_ERROR.
+print("outside", ctypes.CDLL(BINDING_PATH).C_GetFunctionList(ctypes.byref(ctypes.c_void_p())))
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+ctx = mtls_engine.client_context(os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                 pin=os.environ["T_PIN"], backend="engine")
+print("instances", lib.mtls_p11_wrapped())
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+    for _ in range(64):  # a new engine instance each
+        mtls_engine.reconnect(ctx)
+    print("instances", lib.mtls_p11_wrapped(), "reconnections", card_of(ctx).reconnections)
+    print(talk(ctx, s.port)["subject"])
+"""
+
+
+def test_the_engine_reaches_its_module_through_mtls_engine(pki: Pki) -> None:
+    """libp11 0.4.13 waits for ever when C_OpenSession fails (a lost token);
+    so every engine instance gets the module's function list from
+    mtls_engine's C_GetFunctionList, with C_OpenSession failures turned into
+    one that libp11 gives up on (csrc/helper.c; tests/test_token_loss.py
+    shows it with a token that goes away).  Here: each instance gets such a
+    list, up to 64; the 65th gets the module's own, and still signs."""
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    proc = run_python(
+        ENGINE_MODULE_THROUGH_MTLS,
+        env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
+             "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)},
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "outside 5",  # CKR_GENERAL_ERROR
+        "instances 1",
+        "commonName=card-holder ec256",
+        "instances 64 reconnections 64",
+        "commonName=card-holder ec256",
+    ]
+
+
 NO_ENGINE_CHECK = """
 import ssl, mtls_engine
 from mtls_engine._backends import choose, engine_status
