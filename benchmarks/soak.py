@@ -101,7 +101,7 @@ class SessionCounter:
 # -- the measured child ----------------------------------------------------------
 
 CHILD = """
-import ctypes, gc, json, os, socket, ssl, sys
+import ctypes, gc, json, os, socket
 import mtls_engine
 from mtls_engine._lib import ffi, lib
 from benchmarks.soak import SessionCounter, open_fds, rss_bytes
@@ -224,7 +224,6 @@ class Setup:
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self.uri = token.uri(object=key, type="private")
-        self.token = token.label
         module = softhsm_module()
         assert module is not None
         self.module = module

@@ -34,7 +34,6 @@ typedef struct {
   unsigned char model[16];
   unsigned char serialNumber[16];
   CK_FLAGS flags;
-  unsigned long ulSessionCount;
   unsigned long ulMaxPinLen;
   unsigned long ulMinPinLen;
   CK_VERSION hardwareVersion;

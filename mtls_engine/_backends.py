@@ -442,10 +442,11 @@ def _after_fork() -> None:
     module at its first call, so make that call now; then every module
     initialises for this process and its tokens log in again."""
     by_provider = PROVIDER.module
-    if by_provider is not None and not lib.mtls_provider_wake():
+    woke = by_provider is None or lib.mtls_provider_wake()
+    errors = consume_errors()
+    if not woke:
         log.warning("after fork (pid %d): pkcs11-provider did not answer: %s", os.getpid(),
-                    "; ".join(consume_errors()) or "no reason given")  # fmt: skip
-    consume_errors()
+                    "; ".join(errors) or "no reason given")  # fmt: skip
     for mod in list(Module._cache.values()):
         try:
             mod.after_fork(reinitialized=mod.path == by_provider)
