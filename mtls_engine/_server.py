@@ -488,6 +488,7 @@ def server_context(
     on_reject: RejectHandler | None = None,
     allow: AllowArg = None,
     resumption: bool = False,
+    send_ca_names: bool = True,
     force: bool = False,
 ) -> ssl.SSLContext:
     """A server ``SSLContext`` that requires a client certificate and checks
@@ -502,7 +503,13 @@ def server_context(
     a :class:`Rejection` for every refused client (default: a warning on the
     ``mtls_engine.server`` logger).  Session resumption is off unless
     ``resumption=True``, so every connection is checked against the CRLs
-    as they are at that moment."""
+    as they are at that moment.
+
+    The server tells each client which CAs it accepts (the subject names of
+    the CAs it trusts, CAs loaded into the context later included), so that
+    a client holding several certificates can pick the right one;
+    ``send_ca_names=False`` names none, for a server that must not reveal
+    its CA list."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -531,6 +538,8 @@ def server_context(
         lib.mtls_no_resumption(ssl_ctx_pointer(ctx))
         ctx.options |= ssl.OP_NO_TICKET
     _install(ctx, on_reject, access_rule(allow))
+    if not lib.mtls_set_client_ca_names(ssl_ctx_pointer(ctx), 1 if send_ca_names else 0):
+        raise OpenSSLError("cannot set the client CA names the server sends", consume_errors())
     if crlfile is not None:
         load_crls(ctx, crlfile, chain=crl_chain)
     return ctx
