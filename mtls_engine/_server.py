@@ -369,6 +369,8 @@ def describe_failure(exc: BaseException | None) -> str:
     once per failed handshake (it uses what OpenSSL's alert callback saw)."""
     seen = getattr(_failures, "last", None)
     _failures.last = None
+    if seen is not None and isinstance(exc, ssl.SSLError) and exc.reason and exc.reason != _reason_key(seen[1]):
+        seen = None  # left by an earlier handshake on this thread
     alert, ssl_reason = seen if seen is not None else (None, 0)
     if isinstance(exc, ssl.SSLError):
         key = str(exc.reason or "") or _reason_key(ssl_reason)

@@ -460,7 +460,8 @@ def test_connections_that_are_no_refusal_are_named(pki: Pki, client: Client, tmp
             hang_up_mid_handshake(srv.port, version)
             named("the client hung up during the TLS handshake", mark)
         mark = srv.mark()
-        assert s_client(srv.port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", "-CAfile", str(pki.ca_file), *me).returncode != 0
+        old = s_client(srv.port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", "-CAfile", str(pki.ca_file), *me)
+        assert old.returncode != 0
         named("no TLS version in common (sent alert protocol_version)", mark)
         mark = srv.mark()
         assert s_client(srv.port, "-tls1_2", "-cipher", "AES128-SHA", "-CAfile", str(pki.ca_file), *me).returncode != 0
@@ -473,7 +474,7 @@ def test_connections_that_are_no_refusal_are_named(pki: Pki, client: Client, tmp
         # A certificate decision is still a refusal, with its reason: one line.
         stranger = Client(x509.load_pem_x509_certificate(stranger_cert.read_bytes()), stranger_cert, stranger_key)
         assert curl(pki, f"{srv.url}/", stranger).returncode != 0
-        srv.wait_for(r"^mtls_engine serve: refused client 127\.0\.0\.1:\d+ \(CN=stranger, serial [0-9a-f]+\): unknown_ca — ")
+        srv.wait_for(r"^mtls_engine serve: refused client 127\.0\.0\.1:\d+ \(CN=stranger, serial \w+\): unknown_ca ")
         assert curl(pki, f"{srv.url}/", client).returncode == 0, srv.log
         srv.wait_for(r"^mtls_engine serve: 127\.0\.0\.1:\d+ CN=curl-client 'GET / HTTP/1\.1' 200$")
         assert srv.stop() == 0
