@@ -36,7 +36,7 @@ from cryptography import x509
 
 from ._cliutil import add_card_arguments, cli_pin
 from ._errors import ConfigError, Error
-from ._server import Rejection, access_rule, describe_failure, load_crls, server_context
+from ._server import Rejection, access_rule, describe_failure, load_crls, peer_alert, server_context
 
 __all__ = ["register", "run"]
 
@@ -227,6 +227,9 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, ssl.SSLEOFError):
         return "the client hung up without closing TLS (no close_notify)"
     if isinstance(exc, ssl.SSLError) and exc.reason:
+        alert = peer_alert(str(exc.reason))
+        if alert is not None:
+            return f"the client sent alert {alert}"
         return "TLS error: " + str(exc.reason).lower().replace("_", " ")
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()

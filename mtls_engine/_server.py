@@ -324,6 +324,7 @@ _NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG"
             "UNEXPECTED_MESSAGE", "UNSUPPORTED_SSL_VERSION"}  # fmt: skip
 _NO_COMMON = {
     "UNSUPPORTED_PROTOCOL": "no TLS version in common",
+    "UNKNOWN_PROTOCOL": "no TLS version in common",  # an SSL 2.0-format hello
     "VERSION_TOO_LOW": "no TLS version in common",
     "NO_PROTOCOLS_AVAILABLE": "no TLS version in common",
     "NO_SHARED_CIPHER": "no cipher suite in common",
@@ -339,6 +340,14 @@ _ABOUT_OUR_CERTIFICATE = {"bad_certificate", "unsupported_certificate", "certifi
                           "certificate_unknown", "unknown_ca", "bad_certificate_status_response"}  # fmt: skip
 
 
+def peer_alert(reason: str) -> str | None:
+    """The name of the alert the peer sent, from OpenSSL's reason as
+    ``SSLError.reason`` gives it (``SSLV3_ALERT_HANDSHAKE_FAILURE``:
+    ``handshake_failure``); None when the reason is no received alert."""
+    m = _PEER_ALERT.match(reason)
+    return m.group(1).lower() if m else None
+
+
 def _failure_text(key: str, alert: int | None, *, started: bool) -> str:
     """Words for a failed handshake from OpenSSL's reason (``key``, as
     CPython names it), the alert this side sent, and whether the client got
@@ -349,12 +358,11 @@ def _failure_text(key: str, alert: int | None, *, started: bool) -> str:
     if key in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"):
         return "plain HTTP on this HTTPS port (the client should use https://)"
     if key in _NOT_TLS and not started:
-        return "not TLS (the client's first bytes are no TLS handshake)"
+        return "not a TLS handshake (the client's first bytes are no ClientHello)"
     if key in _NO_COMMON:
         return _NO_COMMON[key] + sent
-    m = _PEER_ALERT.match(key)
-    if m:
-        name = m.group(1).lower()
+    name = peer_alert(key)
+    if name is not None:
         mistrust = " (it does not accept this server's certificate)" if name in _ABOUT_OUR_CERTIFICATE else ""
         return f"the client ended the handshake with alert {name}{mistrust}"
     what = key.lower().replace("_", " ") if key else "failed"

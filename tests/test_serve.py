@@ -455,6 +455,11 @@ def test_connections_that_are_no_refusal_are_named(pki: Pki, client: Client, tmp
         mark = srv.mark()
         plain_http(srv.port)
         named("plain HTTP on this HTTPS port (the client should use https://)", mark)
+        mark = srv.mark()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as other:  # another protocol
+            other.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            other.recv(100)
+        named("not a TLS handshake (the client's first bytes are no ClientHello)", mark)
         for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
             mark = srv.mark()
             hang_up_mid_handshake(srv.port, version)
@@ -479,7 +484,7 @@ def test_connections_that_are_no_refusal_are_named(pki: Pki, client: Client, tmp
         srv.wait_for(r"^mtls_engine serve: 127\.0\.0\.1:\d+ CN=curl-client 'GET / HTTP/1\.1' 200$")
         assert srv.stop() == 0
     body = srv.lines[1:-2]  # between "listening" and "stopped"
-    assert len([line for line in body if ": connection from " in line]) == 7, srv.log
+    assert len([line for line in body if ": connection from " in line]) == 8, srv.log
     assert [line for line in body if " refused " in line] == [line for line in body if "stranger" in line], srv.log
     assert len([line for line in body if " refused " in line]) == 1, srv.log
     for bad in ("Error", "[SSL", "Errno", "errno", "_ssl.c", "TLS alert", "handshake_failed"):
