@@ -8,7 +8,9 @@ import datetime
 import shutil
 import ssl
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -562,3 +564,47 @@ def test_client_ca_names_follow_cas_loaded_later_and_crl_reloads(world: World) -
     # a CRL reload changes what is checked, not which CAs are named
     assert mtls_engine.load_crls(srv, world.crl_file("names.crl", world.root.crl(), world.inter.crl())) == 2
     assert naming(names_seen(srv, world, "1.3"), world.root, world.inter)
+
+
+def test_describe_failure_in_an_own_accept_loop(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    """One thread handshaking connection after connection names each failure
+    by its own handshake, not by one that failed before on that thread."""
+    import socket
+
+    srv = server(world, rejections)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def failure_of(client: Callable[[], object]) -> BaseException:
+            done = threading.Thread(target=client)
+            done.start()
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            tls = srv.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            try:
+                with pytest.raises((ssl.SSLError, OSError)) as info:
+                    tls.do_handshake()
+            finally:
+                tls.close()
+                done.join(10)
+            return info.value
+
+        def no_cipher() -> None:
+            with pytest.raises(ssl.SSLError):
+                talk(old_client(world, maximum=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA:@SECLEVEL=0"), port)
+
+        def hang_up() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(client_hello(ssl.TLSVersion.TLSv1_3))
+                raw.recv(65536)
+
+        def port_check() -> None:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+        exc = failure_of(no_cipher)
+        assert mtls_engine.describe_failure(exc) == "no cipher suite in common (sent alert handshake_failure)"
+        assert mtls_engine.describe_failure(failure_of(hang_up)) == "the client hung up during the TLS handshake"
+        assert mtls_engine.describe_failure(failure_of(port_check)) == "closed without a TLS handshake"
+        failure_of(no_cipher)  # not described: the next description must not take its record
+        assert mtls_engine.describe_failure(failure_of(port_check)) == "closed without a TLS handshake"
+    assert rejections == []
