@@ -842,9 +842,13 @@ struct mtls_ctx_hooks {
     int flags;  /* MTLS_HOOK_* */
     int peer;   /* the peer checks (verify and refusal callbacks) are installed */
     struct mtls_card *card;
+    int ca_names; /* server: MTLS_CA_NAMES_* */
+    int ca_count; /* certificates in the trust store when the context's CA names were taken */
 };
 #define MTLS_HOOK_RULE 1  /* call mtls_py_peer_rule on the verified leaf */
 #define MTLS_HOOK_SCOPE 2 /* client: present the certificate only where mtls_py_present says */
+#define MTLS_CA_NAMES_STORE 1 /* name the trust store's CAs to clients */
+#define MTLS_CA_NAMES_NONE 2  /* name no CA */
 
 /* Per X509_STORE: the CRLs mtls_engine serves (replaced as a whole on reload). */
 struct mtls_crlset {
@@ -1099,6 +1103,110 @@ static int mtls_card_cert(SSL *ssl, struct mtls_card *card)
     return ok;
 }
 
+/* ---- the client CA names a server sends --------------------------------- */
+
+static int mtls_cert_cb(SSL *ssl, void *arg);
+static struct mtls_ctx_hooks *mtls_hooks_of(SSL_CTX *ctx);
+
+/* How many certificates `store` holds; -1 when it cannot be locked. */
+static int mtls_store_count(X509_STORE *store)
+{
+    STACK_OF(X509_OBJECT) *objs;
+    int i, n = 0;
+    if (!X509_STORE_lock(store))
+        return -1;
+    objs = X509_STORE_get0_objects(store);
+    for (i = 0; i < sk_X509_OBJECT_num(objs); i++)
+        n += X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i)) != NULL;
+    X509_STORE_unlock(store);
+    return n;
+}
+
+/* The subject names of the certificates in `store`, each once (NULL when
+   out of memory); *count: how many certificates it holds. */
+static STACK_OF(X509_NAME) *mtls_store_names(X509_STORE *store, int *count)
+{
+    STACK_OF(X509_NAME) *names = sk_X509_NAME_new_null();
+    STACK_OF(X509_OBJECT) *objs;
+    int i, j, n = 0, ok = 1;
+    if (names == NULL)
+        return NULL;
+    if (!X509_STORE_lock(store)) {
+        sk_X509_NAME_free(names);
+        return NULL;
+    }
+    objs = X509_STORE_get0_objects(store);
+    for (i = 0; ok && i < sk_X509_OBJECT_num(objs); i++) {
+        X509 *cert = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i));
+        const X509_NAME *subject;
+        X509_NAME *copy;
+        if (cert == NULL) /* a CRL */
+            continue;
+        n++;
+        subject = X509_get_subject_name(cert);
+        for (j = 0; j < sk_X509_NAME_num(names); j++)
+            if (X509_NAME_cmp(sk_X509_NAME_value(names, j), subject) == 0)
+                break;
+        if (j < sk_X509_NAME_num(names)) /* a re-issued CA: one name is enough */
+            continue;
+        copy = X509_NAME_dup(subject);
+        ok = copy != NULL && sk_X509_NAME_push(names, copy) > 0;
+        if (!ok)
+            X509_NAME_free(copy);
+    }
+    X509_STORE_unlock(store);
+    if (!ok) {
+        sk_X509_NAME_pop_free(names, X509_NAME_free);
+        return NULL;
+    }
+    *count = n;
+    return names;
+}
+
+/* Server: tell clients which CAs' certificates it accepts (the subject
+   names of the CAs in its trust store: CertificateRequest in TLS 1.2, its
+   certificate_authorities extension in TLS 1.3), or (send 0) name none.
+   Call before the context serves: OpenSSL copies the list into each new
+   connection without a lock.  1 on success. */
+static int mtls_set_client_ca_names(SSL_CTX *ctx, int send)
+{
+    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
+    STACK_OF(X509_NAME) *names;
+    int count = 0;
+    if (hooks == NULL)
+        return 0;
+    names = send ? mtls_store_names(SSL_CTX_get_cert_store(ctx), &count) : sk_X509_NAME_new_null();
+    if (names == NULL)
+        return 0;
+    SSL_CTX_set_client_CA_list(ctx, names); /* the context owns `names` from here */
+    /* A server with an empty client CA list sends the general CA list
+       instead (empty unless set): clear it, so "none" means none. */
+    SSL_CTX_set0_CA_list(ctx, NULL);
+    hooks->ca_names = send ? MTLS_CA_NAMES_STORE : MTLS_CA_NAMES_NONE;
+    hooks->ca_count = count;
+    if (send)
+        SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
+    return 1;
+}
+
+/* CAs loaded into the context after its names were taken (a user's
+   load_verify_locations): name them too, on this connection -- the
+   context's own list cannot be replaced while other threads copy it.
+   Costs one count of the store per handshake otherwise.  1 on success. */
+static int mtls_refresh_ca_names(SSL *ssl, const struct mtls_ctx_hooks *hooks)
+{
+    X509_STORE *store = SSL_CTX_get_cert_store(SSL_get_SSL_CTX(ssl));
+    STACK_OF(X509_NAME) *names;
+    int count;
+    if (mtls_store_count(store) == hooks->ca_count)
+        return 1;
+    names = mtls_store_names(store, &count);
+    if (names == NULL)
+        return 0;
+    SSL_set_client_CA_list(ssl, names); /* owned by the connection */
+    return 1;
+}
+
 /* Client side, when the server asks for a certificate: keep the card's
    certificate and key on this connection only if the server's name (SNI,
    else the name or address being verified) is one the user listed;
@@ -1126,6 +1234,8 @@ static int mtls_cert_cb(SSL *ssl, void *arg)
             return 1;
         }
     }
+    if (SSL_is_server(ssl) && hooks->ca_names == MTLS_CA_NAMES_STORE && !mtls_refresh_ca_names(ssl, hooks))
+        return 0;
     return hooks->card != NULL ? mtls_card_cert(ssl, hooks->card) : 1;
 }
 

@@ -59,6 +59,7 @@ int mtls_install_peer_hooks(SSL_CTX *, long, int);
 int mtls_verify_callback_installed(SSL_CTX *);
 int mtls_set_crls(SSL_CTX *, const unsigned char **, const size_t *, int);
 void mtls_no_resumption(SSL_CTX *);
+int mtls_set_client_ca_names(SSL_CTX *, int);
 long mtls_session_cache_mode(SSL_CTX *);
 
 /* a card key that may go away (p11-kit server restarted, card pulled) */

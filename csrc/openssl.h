@@ -32,6 +32,8 @@ const char *ERR_lib_error_string(unsigned long);
 const char *ERR_reason_error_string(unsigned long);
 int ERR_GET_LIB(unsigned long);
 int ERR_GET_REASON(unsigned long);
+unsigned long ERR_PACK(int, int, int);
+#define ERR_LIB_SSL ...
 
 uint64_t SSL_CTX_get_options(const SSL_CTX *);
 int SSL_CTX_get_verify_mode(const SSL_CTX *);

@@ -74,7 +74,7 @@ try:
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
     from ._reconnect import reconnect
-    from ._server import Rejection, load_crls, pin_of, server_context
+    from ._server import Rejection, describe_failure, load_crls, pin_of, server_context
 except InterpreterSslError as exc:
     if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
         raise
@@ -109,6 +109,7 @@ __all__ = [
     "TokenUnavailable",
     "UriError",
     "client_context",
+    "describe_failure",
     "extract",
     "inject",
     "injected",

@@ -2,7 +2,9 @@
 client certificate, checks it (chain, validity, CRL, handshake signature,
 optional access rule) with :func:`mtls_engine.server_context`, answers every
 accepted client with its identity as JSON, and logs every refused client on
-one line saying why.
+one line saying why.  A connection that ends without a decision about a
+certificate (a port check, a hang-up, plain HTTP, no TLS version or cipher
+in common) is no refusal: with ``--verbose``, one line naming what it was.
 
 The listening socket is plain TCP; each accepted connection is wrapped and
 its TLS handshake done in that connection's own thread, so a client that
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import http.server
 import json
+import os
 import signal
 import socket
 import socketserver
@@ -33,7 +36,7 @@ from cryptography import x509
 
 from ._cliutil import add_card_arguments, cli_pin
 from ._errors import ConfigError, Error
-from ._server import Rejection, access_rule, load_crls, server_context
+from ._server import Rejection, access_rule, describe_failure, load_crls, peer_alert, server_context
 
 __all__ = ["register", "run"]
 
@@ -83,8 +86,8 @@ def identity(der: bytes, tls_version: str | None, path: str) -> dict[str, Any]:
 def on_reject(rejection: Rejection) -> None:
     """Called on the handshake's thread for every refused client.  When the
     peer's address could not be read any more (it hung up), the one this
-    thread accepted is filled in.  (server_context reports refusals only:
-    alerts during a handshake past its ClientHello.)"""
+    thread accepted is filled in.  (server_context reports decisions about
+    the client's certificate only; other failures reach finish_request.)"""
     _thread_state.rejected = True
     peer = getattr(_thread_state, "peer", None)
     if rejection.peer is None and peer is not None:
@@ -124,6 +127,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         say(_printable(f"{self._peer()} {format % args}"))
 
+    def log_error(self, format: str, *args: Any) -> None:
+        if format.startswith("Request timed out"):  # a kept-alive client went quiet: nothing wrong
+            if getattr(self.server, "verbose", False):
+                say(f"connection from {self._peer()}: idle for {IDLE_TIMEOUT:g} s, closed")
+            return
+        super().log_error(format, *args)
+
 
 class Server(http.server.ThreadingHTTPServer):
     """A ThreadingHTTPServer whose connections do their TLS handshake in
@@ -131,6 +141,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     timeout = POLL_INTERVAL
+    verbose = False  # also log connections that end without a certificate decision
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
@@ -152,7 +163,7 @@ class Server(http.server.ThreadingHTTPServer):
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         except (ssl.SSLError, OSError) as exc:
-            say(f"connection from {peer} failed: {exc}")
+            self._ended(peer, describe_failure(exc))
             return
         try:
             try:
@@ -161,7 +172,7 @@ class Server(http.server.ThreadingHTTPServer):
                 # A refusal was logged by on_reject, with its reason; other
                 # failures (the client gave up, plain HTTP, a timeout) here.
                 if not _thread_state.rejected:
-                    say(f"handshake with {peer} failed: {_describe(exc)}")
+                    self._ended(peer, describe_failure(exc))
                 _linger(tls)
                 return
             Handler(tls, client_address, self)
@@ -170,9 +181,13 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """An error after the handshake (the client reset, a bad record):
-        one line, no traceback."""
-        exc = sys.exc_info()[1]
-        say(f"connection from {client_address[0]}:{client_address[1]} ended: {_describe(exc)}")
+        one line with --verbose, no traceback."""
+        self._ended(f"{client_address[0]}:{client_address[1]}", _describe(sys.exc_info()[1]))
+
+    def _ended(self, peer: str, what: str) -> None:
+        """A connection that ended without a certificate decision: one line, with --verbose."""
+        if self.verbose:
+            say(f"connection from {peer}: {what}")
 
 
 def _linger(sock: ssl.SSLSocket) -> None:
@@ -202,13 +217,23 @@ def _linger(sock: ssl.SSLSocket) -> None:
 
 
 def _describe(exc: BaseException | None) -> str:
-    if isinstance(exc, socket.timeout):
+    """What ended an accepted connection, in words (no exception text)."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
-    if isinstance(exc, ssl.SSLError) and exc.reason == "HTTP_REQUEST":
-        return "the client spoke plain HTTP to this HTTPS port (it should use https://)"
-    if exc is None:
-        return "unknown error"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, ConnectionResetError):
+        return "the client reset the connection"
+    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
+        return "the client closed the connection"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "the client hung up without closing TLS (no close_notify)"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        alert = peer_alert(str(exc.reason))
+        if alert is not None:
+            return f"the client sent alert {alert}"
+        return "TLS error: " + str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return "ended with an error" if exc is None else f"ended with an error ({type(exc).__name__})"
 
 
 def register(sub: Any) -> None:
@@ -218,7 +243,8 @@ def register(sub: Any) -> None:
         help="an HTTPS server that requires a client certificate and says who connected (or why not)",
         description="Serve HTTPS, requiring a client certificate issued by one of --client-ca and checked against "
         "--crl; every accepted client gets its identity as JSON, every refused one is logged on standard error "
-        "with the reason. SIGHUP reloads the CRL file; SIGTERM or SIGINT stops the server.",
+        "with the reason (connections that end without a certificate decision: with --verbose). SIGHUP reloads "
+        "the CRL file; SIGTERM or SIGINT stops the server.",
     )
     p.add_argument("--cert", help="the server certificate (PEM; with a pkcs11: --key, default: the token's)")
     p.add_argument("--key", required=True, help="the server key: a PEM file or a pkcs11: URI (an HSM or token)")
@@ -239,6 +265,19 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8443, help="port to listen on (default: 8443; 0: any free port)")
+    p.add_argument(
+        "--no-ca-names",
+        action="store_true",
+        help="do not tell clients which CAs are accepted (by default the server names the --client-ca CAs, so "
+        "that a client with several certificates can pick the right one)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also log, one line each, connections that end without a certificate decision (port checks, "
+        "hang-ups, plain HTTP, no TLS version or cipher in common, idle keep-alive connections)",
+    )
     add_card_arguments(p)
     p.set_defaults(func=run)
 
@@ -317,7 +356,9 @@ def run(args: argparse.Namespace) -> int:
             args.cert, key, args.client_ca, args.crl, module=args.module,
             pin=cli_pin(args.pin_source, key) if on_token else None, backend=args.backend,
             crl_chain=args.crl_chain, on_reject=on_reject, allow=args.allow, force=args.force,
+            send_ca_names=not args.no_ca_names,
         )  # fmt: skip
+        server.verbose = args.verbose
         server.server_activate()
         return _serve(server, args)
     finally:

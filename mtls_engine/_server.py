@@ -9,6 +9,11 @@ verification error of each connection and the client's leaf certificate;
 an info callback (C) sees the fatal alert the server is about to send and
 hands both to Python (``on_reject``).  CPython keeps a context's verify
 callback when ``verify_mode`` changes, so the hooks survive later settings.
+
+A refusal is a decision about the client's certificate; a handshake that
+fails for any other reason (the client hung up, no TLS version or cipher in
+common, plain HTTP on the TLS port) is no refusal: it is logged at DEBUG
+level, and :func:`describe_failure` names it for a server's own log.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import ipaddress
 import itertools
 import logging
 import os
+import re
+import socket
 import ssl
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,7 +46,7 @@ from ._fork import ForkSafeLock
 from ._lib import consume_errors, ffi, lib, text
 from ._pin import PinArg
 
-__all__ = ["Rejection", "load_crls", "pin_of", "server_context"]
+__all__ = ["Rejection", "describe_failure", "load_crls", "pin_of", "server_context"]
 
 log = logging.getLogger("mtls_engine.server")
 
@@ -53,6 +61,9 @@ _SSL_R_BAD_SIGNATURE = 123
 _ALERT_CERTIFICATE_REQUIRED = 116
 _ALERT_DECRYPT_ERROR = 51
 _ALERT_HANDSHAKE_FAILURE = 40
+# Alerts a server sends about the client's certificate when no verification
+# error explains them (a certificate OpenSSL cannot use, for instance).
+_CERTIFICATE_ALERTS = {42, 43, 44, 45, 46, 48, 49}
 
 REASONS = (
     "no_certificate",  # the client sent no certificate
@@ -65,13 +76,14 @@ REASONS = (
     "wrong_purpose",  # not a client-authentication certificate
     "bad_signature",  # the handshake signature (CertificateVerify) does not verify: not the key's holder
     "not_allowed",  # a valid certificate the access rule refuses
-    "handshake_failed",  # anything else (no common cipher or version, ...)
+    "invalid_certificate",  # any other fault of the client's certificate or chain (the detail says which)
 )
 
 
 @dataclass(frozen=True)
 class Rejection:
-    """Why a server refused a client, as much as is known.
+    """Why a server refused a client's certificate, as much as is known:
+    ``reason`` is one of :data:`REASONS`, ``alert`` the TLS alert sent.
 
     ``subject``/``issuer``/``serial`` describe the client's certificate
     (None when it sent none); ``failed_subject`` and ``depth`` the
@@ -227,6 +239,12 @@ def mtls_py_rejected(hooks_id: int, alert: int, ssl_reason: int, rec: Any, peer:
         return
     try:
         rejection = _rejection(alert, ssl_reason, rec, text(peer) or None)
+        if rejection is None:  # not about the certificate: no refusal
+            _failures.last = (alert, ssl_reason)
+            if log.isEnabledFor(logging.DEBUG):
+                what = _failure_text(_reason_key(ssl_reason), alert, started=True)
+                log.debug("handshake with %s failed: %s", text(peer) or "a client", what)
+            return
         if hooks.on_reject is not None:
             hooks.on_reject(rejection)
         else:
@@ -239,11 +257,13 @@ def _field(buf: Any) -> str | None:
     return text(buf) if buf[0] != b"\x00" else None
 
 
-def _rejection(alert: int, ssl_reason: int, rec: Any, peer: str | None) -> Rejection:
+def _rejection(alert: int, ssl_reason: int, rec: Any, peer: str | None) -> Rejection | None:
+    """The refusal the fatal ``alert`` stands for, or None when the handshake
+    failed for a reason that is not the client's certificate."""
     code = int(rec.verify_error)
     if code:
         reason = _REASON_BY_VERIFY.get(code) or (
-            "unknown_ca" if code in _UNKNOWN_CA else "crl_error" if code in _CRL_PROBLEMS else "handshake_failed"
+            "unknown_ca" if code in _UNKNOWN_CA else "crl_error" if code in _CRL_PROBLEMS else "invalid_certificate"
         )
         detail = text(lib.X509_verify_cert_error_string(code))
         if code == 50:
@@ -253,8 +273,11 @@ def _rejection(alert: int, ssl_reason: int, rec: Any, peer: str | None) -> Rejec
     elif alert == _ALERT_DECRYPT_ERROR or ssl_reason == _SSL_R_BAD_SIGNATURE:
         reason = "bad_signature"
         detail = "the client's handshake signature does not verify with its certificate's key"
+    elif alert in _CERTIFICATE_ALERTS:
+        reason = "invalid_certificate"
+        detail = f"sent alert {alert_name(alert)}" + (f" ({_openssl_reason(ssl_reason)})" if ssl_reason else "")
     else:
-        reason, detail = "handshake_failed", f"TLS alert {alert}"
+        return None
     serial = _field(rec.leaf_serial)
     depth = int(rec.depth) if code else None
     return Rejection(
@@ -268,6 +291,109 @@ def _rejection(alert: int, ssl_reason: int, rec: Any, peer: str | None) -> Rejec
         depth=depth,
         failed_subject=_field(rec.subject) if depth else None,
     )
+
+
+# -- handshakes that failed for another reason -------------------------------------
+
+# Alerts Python's table (ssl.AlertDescription) lacks (RFC 8446, RFC 7507, RFC 7301).
+_MORE_ALERTS = {86: "inappropriate_fallback", 109: "missing_extension", 116: "certificate_required",
+                120: "no_application_protocol"}  # fmt: skip
+_failures = threading.local()  # the last failure the alert callback saw on this thread
+
+
+def alert_name(alert: int) -> str:
+    """A TLS alert by its RFC name (``handshake_failure`` for 40)."""
+    try:
+        return ssl.AlertDescription(alert).name[len("ALERT_DESCRIPTION_") :].lower()
+    except ValueError:
+        return _MORE_ALERTS.get(alert, f"unknown alert {alert}")
+
+
+def _openssl_reason(ssl_reason: int) -> str:
+    """OpenSSL's words for one of its SSL-library reason codes."""
+    words = lib.ERR_reason_error_string(lib.ERR_PACK(lib.ERR_LIB_SSL, 0, ssl_reason))
+    return text(words) if words != ffi.NULL else f"reason {ssl_reason}"
+
+
+def _reason_key(ssl_reason: int) -> str:
+    """An OpenSSL reason code as CPython's ``SSLError.reason`` names it."""
+    return _openssl_reason(ssl_reason).upper().replace(" ", "_") if ssl_reason else ""
+
+
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG", "RECORD_LENGTH_MISMATCH",
+            "UNEXPECTED_MESSAGE", "UNSUPPORTED_SSL_VERSION"}  # fmt: skip
+_NO_COMMON = {
+    "UNSUPPORTED_PROTOCOL": "no TLS version in common",
+    "UNKNOWN_PROTOCOL": "no TLS version in common",  # an SSL 2.0-format hello
+    "VERSION_TOO_LOW": "no TLS version in common",
+    "NO_PROTOCOLS_AVAILABLE": "no TLS version in common",
+    "NO_SHARED_CIPHER": "no cipher suite in common",
+    "NO_CIPHERS_AVAILABLE": "no cipher suite in common",
+    "NO_SHARED_SIGNATURE_ALGORITHMS": "no signature algorithm in common",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no signature algorithm in common",
+    "NO_SUITABLE_KEY_SHARE": "no key exchange group in common",
+    "NO_SHARED_GROUPS": "no key exchange group in common",
+    "INAPPROPRIATE_FALLBACK": "a downgraded retry (the client's TLS_FALLBACK_SCSV)",
+}
+_PEER_ALERT = re.compile(r"^(?:SSLV3|TLSV1|TLSV13)_ALERT_([A-Z_]+)$")
+_ABOUT_OUR_CERTIFICATE = {"bad_certificate", "unsupported_certificate", "certificate_revoked", "certificate_expired",
+                          "certificate_unknown", "unknown_ca", "bad_certificate_status_response"}  # fmt: skip
+
+
+def peer_alert(reason: str) -> str | None:
+    """The name of the alert the peer sent, from OpenSSL's reason as
+    ``SSLError.reason`` gives it (``SSLV3_ALERT_HANDSHAKE_FAILURE``:
+    ``handshake_failure``); None when the reason is no received alert."""
+    m = _PEER_ALERT.match(reason)
+    return m.group(1).lower() if m else None
+
+
+def _failure_text(key: str, alert: int | None, *, started: bool) -> str:
+    """Words for a failed handshake from OpenSSL's reason (``key``, as
+    CPython names it), the alert this side sent, and whether the client got
+    as far as a ClientHello."""
+    sent = f" (sent alert {alert_name(alert)})" if alert else ""
+    if key == "UNEXPECTED_EOF_WHILE_READING":
+        return "the client hung up during the TLS handshake" if started else "closed without a TLS handshake"
+    if key in ("HTTP_REQUEST", "HTTPS_PROXY_REQUEST"):
+        return "plain HTTP on this HTTPS port (the client should use https://)"
+    if key in _NOT_TLS and not started:
+        return "not a TLS handshake (the client's first bytes are no ClientHello)"
+    if key in _NO_COMMON:
+        return _NO_COMMON[key] + sent
+    name = peer_alert(key)
+    if name is not None:
+        mistrust = " (it does not accept this server's certificate)" if name in _ABOUT_OUR_CERTIFICATE else ""
+        return f"the client ended the handshake with alert {name}{mistrust}"
+    what = key.lower().replace("_", " ") if key else "failed"
+    return f"TLS handshake failed: {what}{sent}"
+
+
+def describe_failure(exc: BaseException | None) -> str:
+    """What a server-side handshake that raised ``exc`` and was no refusal
+    of the client's certificate came to, in a few words (no exception
+    text): a hang-up, a port check, plain HTTP, no version or cipher in
+    common, the client's own alert.  Call it on the handshake's thread,
+    once per failed handshake (it uses what OpenSSL's alert callback saw)."""
+    seen = getattr(_failures, "last", None)
+    _failures.last = None
+    if seen is not None and isinstance(exc, ssl.SSLError) and exc.reason and exc.reason != _reason_key(seen[1]):
+        seen = None  # left by an earlier handshake on this thread
+    alert, ssl_reason = seen if seen is not None else (None, 0)
+    if isinstance(exc, ssl.SSLError):
+        key = str(exc.reason or "") or _reason_key(ssl_reason)
+        if isinstance(exc, ssl.SSLEOFError) and not key:
+            key = "UNEXPECTED_EOF_WHILE_READING"
+        return _failure_text(key, alert, started=seen is not None)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "no TLS handshake in time" if seen is None else "the client stalled during the TLS handshake"
+    if isinstance(exc, ConnectionResetError):
+        return "the client reset the connection during the TLS handshake"
+    if isinstance(exc, (BrokenPipeError, ConnectionAbortedError)):
+        return "the client closed the connection during the TLS handshake"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"TLS handshake failed: {os.strerror(exc.errno).lower()}"
+    return "TLS handshake failed"
 
 
 # -- CRLs ----------------------------------------------------------------------
@@ -488,6 +614,7 @@ def server_context(
     on_reject: RejectHandler | None = None,
     allow: AllowArg = None,
     resumption: bool = False,
+    send_ca_names: bool = True,
     force: bool = False,
 ) -> ssl.SSLContext:
     """A server ``SSLContext`` that requires a client certificate and checks
@@ -499,10 +626,18 @@ def server_context(
     ``key`` is a PEM key file or a ``pkcs11:`` URI (a key on an HSM or
     token, with ``module``/``pin``/``backend`` as for ``load_card_key``;
     ``cert`` None then takes the token's certificate).  ``on_reject`` gets
-    a :class:`Rejection` for every refused client (default: a warning on the
-    ``mtls_engine.server`` logger).  Session resumption is off unless
+    a :class:`Rejection` for every client whose certificate was refused
+    (default: a warning on the ``mtls_engine.server`` logger); a handshake
+    that fails for another reason (hang-up, no version or cipher in common)
+    is no refusal: a DEBUG line on that logger.  Session resumption is off unless
     ``resumption=True``, so every connection is checked against the CRLs
-    as they are at that moment."""
+    as they are at that moment.
+
+    The server tells each client which CAs it accepts (the subject names of
+    the CAs it trusts, CAs loaded into the context later included), so that
+    a client holding several certificates can pick the right one;
+    ``send_ca_names=False`` names none, for a server that must not reveal
+    its CA list."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -531,6 +666,8 @@ def server_context(
         lib.mtls_no_resumption(ssl_ctx_pointer(ctx))
         ctx.options |= ssl.OP_NO_TICKET
     _install(ctx, on_reject, access_rule(allow))
+    if not lib.mtls_set_client_ca_names(ssl_ctx_pointer(ctx), 1 if send_ca_names else 0):
+        raise OpenSSLError("cannot set the client CA names the server sends", consume_errors())
     if crlfile is not None:
         load_crls(ctx, crlfile, chain=crl_chain)
     return ctx

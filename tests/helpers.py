@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -67,3 +68,42 @@ def same_alert_text(got: str, expected: str) -> bool:
         return True
     g, e = _SSLV3_WORDING.fullmatch(got), _SSLV3_WORDING.fullmatch(expected)
     return bool(g and e and g.groups() == e.groups() and g.group(1).lower().replace("_", " ") == g.group(2))
+
+
+def ca_names_seen(port: int, tls: str, cafile: Path, cert: Path, key: Path) -> list[str] | None:
+    """The acceptable client CA names ``openssl s_client`` (``tls``: "1.2"
+    or "1.3") read from the server on ``port``, one line per name as it
+    prints them; None when it says the server sent none."""
+    proc = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+         "-tls" + tls.replace(".", "_"), "-CAfile", str(cafile), "-cert", str(cert), "-key", str(key)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    out = proc.stdout
+    assert f"New, TLSv{tls}, Cipher is " in out, out + proc.stderr  # the handshake was made, in that version
+    if "No client certificate CA names sent" in out:
+        assert "Acceptable client certificate CA names" not in out, out
+        return None
+    assert "Acceptable client certificate CA names\n" in out, out + proc.stderr
+    names = []
+    for line in out.split("Acceptable client certificate CA names\n", 1)[1].splitlines():
+        if line.startswith(("Client Certificate Types", "Requested Signature", "Shared ", "---")) or not line:
+            break
+        names.append(line)
+    return names
+
+
+def client_hello(version: ssl.TLSVersion) -> bytes:
+    """The bytes of a real ClientHello (Python's client, made in memory):
+    what a client that then hangs up has sent."""
+    ctx = ssl.create_default_context()
+    ctx.maximum_version = version
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="localhost")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = out.read()
+    assert hello[:1] == b"\x16", hello  # a TLS handshake record
+    return hello

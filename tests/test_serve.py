@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mtls_engine._softhsm import KeyKind
 
 from .conftest import TEST_PIN, Pki, need
-from .helpers import ROOT
+from .helpers import ROOT, ca_names_seen, client_hello
 
 START_TIMEOUT = 60.0
 LOG_TIMEOUT = 15.0
@@ -267,7 +267,7 @@ def test_curl_gets_its_identity(pki: Pki, client: Client) -> None:
 
 
 def test_a_failed_handshake_does_not_stop_the_server(pki: Pki, client: Client) -> None:
-    with serve(*file_server_args(pki)) as srv:
+    with serve(*file_server_args(pki, "--verbose")) as srv:
         # Plain HTTP on the TLS port, a connection closed at once, and one
         # that never speaks (the server gives up on it after its timeout).
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
@@ -279,7 +279,7 @@ def test_a_failed_handshake_does_not_stop_the_server(pki: Pki, client: Client) -
         socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
         silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         try:
-            srv.wait_for(r"^mtls_engine serve: handshake with 127\.0\.0\.1:\d+ failed: the client spoke plain HTTP")
+            srv.wait_for(r"^mtls_engine serve: connection from 127\.0\.0\.1:\d+: plain HTTP on this HTTPS port")
             # A silent client holds only its own thread.
             proc = curl(pki, f"{srv.url}/", client)
             assert proc.returncode == 0, proc.stderr + srv.log
@@ -391,6 +391,122 @@ def test_allow_list(pki: Pki, client: Client, tmp_path: Path) -> None:
         line = srv.wait_for(r"^mtls_engine serve: refused .*").group(0)
         assert "not_allowed" in line and "CN=not-on-the-list" in line, line
         assert srv.stop() == 0
+
+
+# -- what the client is told, what the log says ---------------------------------------
+
+
+def test_client_ca_names_and_no_ca_names(pki: Pki, client: Client) -> None:
+    need(shutil.which("openssl") is not None, "the openssl command is not installed (Debian: openssl)")
+    (cn,) = pki.ca.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    with serve(*file_server_args(pki)) as srv:
+        for tls in ("1.2", "1.3"):
+            names = ca_names_seen(srv.port, tls, pki.ca_file, client.cert_file, client.key_file)
+            assert names is not None and len(names) == 1 and names[0].endswith(str(cn.value)), names
+        assert srv.stop() == 0
+    with serve(*file_server_args(pki, "--no-ca-names")) as srv:
+        for tls in ("1.2", "1.3"):
+            assert ca_names_seen(srv.port, tls, pki.ca_file, client.cert_file, client.key_file) is None
+        assert srv.stop() == 0
+    assert not [line for line in srv.lines if " refused " in line], srv.log
+
+
+def s_client(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    need(shutil.which("openssl") is not None, "the openssl command is not installed (Debian: openssl)")
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def hang_up_mid_handshake(port: int, version: ssl.TLSVersion) -> None:
+    """Send a ClientHello, read the server's answer, hang up (what a browser
+    does with the connections it drops while it picks a certificate)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(client_hello(version))
+        assert raw.recv(65536)
+
+
+def plain_http(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            s.recv(100)
+        except ConnectionResetError:  # closed with the request unread
+            pass
+
+
+def test_connections_that_are_no_refusal_are_named(pki: Pki, client: Client, tmp_path: Path) -> None:
+    """With --verbose, each connection that ends without a certificate
+    decision gets one line naming what it was (alert names, no exception
+    text, never "refused"); a refusal is still one "refused" line."""
+    from mtls_engine._softhsm import CA
+
+    stranger_cert, stranger_key = CA.create("some other CA").issue_client_files(tmp_path, "stranger")
+    me = ["-cert", str(client.cert_file), "-key", str(client.key_file)]
+    with serve(*file_server_args(pki, "--verbose")) as srv:
+
+        def named(what: str, mark: int) -> None:
+            srv.wait_for(rf"^mtls_engine serve: connection from 127\.0\.0\.1:\d+: {re.escape(what)}$", start=mark)
+
+        mark = srv.mark()
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10).close()  # a port check
+        named("closed without a TLS handshake", mark)
+        mark = srv.mark()
+        plain_http(srv.port)
+        named("plain HTTP on this HTTPS port (the client should use https://)", mark)
+        mark = srv.mark()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as other:  # another protocol
+            other.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            other.recv(100)
+        named("not a TLS handshake (the client's first bytes are no ClientHello)", mark)
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            mark = srv.mark()
+            hang_up_mid_handshake(srv.port, version)
+            named("the client hung up during the TLS handshake", mark)
+        mark = srv.mark()
+        old = s_client(srv.port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", "-CAfile", str(pki.ca_file), *me)
+        assert old.returncode != 0
+        named("no TLS version in common (sent alert protocol_version)", mark)
+        mark = srv.mark()
+        assert s_client(srv.port, "-tls1_2", "-cipher", "AES128-SHA", "-CAfile", str(pki.ca_file), *me).returncode != 0
+        named("no cipher suite in common (sent alert handshake_failure)", mark)
+        mark = srv.mark()
+        proc = s_client(srv.port, "-tls1_3", "-CAfile", str(pki.other_ca_file), "-verify_return_error", *me)
+        assert proc.returncode != 0
+        named("the client ended the handshake with alert unknown_ca (it does not accept this server's certificate)",
+              mark)  # fmt: skip
+        # A certificate decision is still a refusal, with its reason: one line.
+        stranger = Client(x509.load_pem_x509_certificate(stranger_cert.read_bytes()), stranger_cert, stranger_key)
+        assert curl(pki, f"{srv.url}/", stranger).returncode != 0
+        srv.wait_for(r"^mtls_engine serve: refused client 127\.0\.0\.1:\d+ \(CN=stranger, serial \w+\): unknown_ca ")
+        assert curl(pki, f"{srv.url}/", client).returncode == 0, srv.log
+        srv.wait_for(r"^mtls_engine serve: 127\.0\.0\.1:\d+ CN=curl-client 'GET / HTTP/1\.1' 200$")
+        assert srv.stop() == 0
+    body = srv.lines[1:-2]  # between "listening" and "stopped"
+    assert len([line for line in body if ": connection from " in line]) == 8, srv.log
+    assert [line for line in body if " refused " in line] == [line for line in body if "stranger" in line], srv.log
+    assert len([line for line in body if " refused " in line]) == 1, srv.log
+    for bad in ("Error", "[SSL", "Errno", "errno", "_ssl.c", "TLS alert", "handshake_failed"):
+        assert bad not in srv.log, srv.log
+    peers = [re.search(r"127\.0\.0\.1:(\d+)", line) for line in body]
+    ports = [m.group(1) for m in peers if m]
+    assert len(ports) == len(body) and len(set(ports)) == len(ports), srv.log  # at most one line per connection
+
+
+def test_without_verbose_only_refusals_and_requests_are_logged(pki: Pki, client: Client) -> None:
+    with serve(*file_server_args(pki)) as srv:
+        mark = srv.mark()
+        socket.create_connection(("127.0.0.1", srv.port), timeout=10).close()
+        plain_http(srv.port)
+        hang_up_mid_handshake(srv.port, ssl.TLSVersion.TLSv1_3)
+        assert curl(pki, f"{srv.url}/", client, "--tls-max", "1.2", "--ciphers", "AES128-SHA").returncode != 0
+        assert curl(pki, f"{srv.url}/", None).returncode != 0
+        srv.wait_for(r"^mtls_engine serve: refused client 127\.0\.0\.1:\d+: no_certificate — ", start=mark)
+        assert curl(pki, f"{srv.url}/", client).returncode == 0, srv.log
+        srv.wait_for(r"^mtls_engine serve: 127\.0\.0\.1:\d+ CN=curl-client 'GET / HTTP/1\.1' 200$", start=mark)
+        assert srv.stop() == 0
+    assert len(srv.lines[mark:]) == 4, srv.log  # the refusal, the request, "stopped", <EOF>
 
 
 # -- CRL reload ---------------------------------------------------------------------

@@ -5,8 +5,12 @@ server gives (``on_reject``)."""
 from __future__ import annotations
 
 import datetime
+import shutil
 import ssl
 import sys
+import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +23,8 @@ from mtls_engine._context import ssl_ctx_pointer
 from mtls_engine._lib import lib
 from mtls_engine._softhsm import CA, KeyKind
 
-from .conftest import Pki
+from .conftest import Pki, need
+from .helpers import ca_names_seen, client_hello
 from .servers import echo_server, talk
 
 VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
@@ -400,18 +405,48 @@ def test_server_pinning(world: World, tmp_path: Path) -> None:
                                        pin=pki.card1.pin, server_pins=bad)  # fmt: skip
 
 
-def test_only_refusals_are_reported(world: World, rejections: list[mtls_engine.Rejection]) -> None:
-    """A port check, plain HTTP on the TLS port, and a served client that
-    hangs up without close_notify (OpenSSL 3 then sends decode_error) are
-    not refusals of a client certificate."""
+def old_client(w: World, **kw: object) -> ssl.SSLContext:
+    """A client that can offer TLS 1.0/1.1 (security level 0), with the good client's certificate."""
+    ctx = client_ctx(w, w.good, ssl.TLSVersion.TLSv1_3)
+    with warnings.catch_warnings():  # ssl deprecates TLS 1.0/1.1: the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        if "maximum" in kw:
+            ctx.maximum_version = kw["maximum"]  # type: ignore[assignment]
+    ctx.set_ciphers(str(kw.get("ciphers", "DEFAULT:@SECLEVEL=0")))
+    return ctx
+
+
+def test_only_refusals_are_reported(
+    world: World, rejections: list[mtls_engine.Rejection], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port check, plain HTTP on the TLS port, a client hanging up in the
+    middle of its handshake, no TLS version or cipher in common, a client
+    refusing the server's certificate, and a served client that hangs up
+    without close_notify (OpenSSL 3 then sends decode_error) are not
+    refusals of a client certificate: on_reject hears of none of them; the
+    server's logger names them at DEBUG level, by alert name."""
     import socket
 
     srv = server(world, rejections)
+    caplog.set_level("DEBUG", logger="mtls_engine.server")
     with echo_server(srv) as s:
         socket.create_connection(("127.0.0.1", s.port)).close()
         with socket.create_connection(("127.0.0.1", s.port)) as plain:
             plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
             plain.recv(100)
+        for version in VERSIONS:  # a ClientHello, the server's answer read, then a hang-up
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as raw:
+                raw.sendall(client_hello(version))
+                assert raw.recv(65536)
+        with pytest.raises(ssl.SSLError):  # the client offers TLS 1.1 at most
+            talk(old_client(world, maximum=ssl.TLSVersion.TLSv1_1), s.port)
+        with pytest.raises(ssl.SSLError):  # only a cipher suite the server lacks
+            talk(old_client(world, maximum=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA:@SECLEVEL=0"), s.port)
+        distrust = ssl.create_default_context(cafile=str(world.pki.other_ca_file))
+        distrust.load_cert_chain(str(world.good[0]), str(world.good[1]))
+        with pytest.raises(ssl.SSLCertVerificationError):  # the client refuses the server
+            talk(distrust, s.port)
         ctx = client_ctx(world, world.good, ssl.TLSVersion.TLSv1_3)
         raw = socket.create_connection(("127.0.0.1", s.port))
         tls = ctx.wrap_socket(raw, server_hostname="localhost")
@@ -421,6 +456,15 @@ def test_only_refusals_are_reported(world: World, rejections: list[mtls_engine.R
         tls.close()
         refused(attempt(srv, client_ctx(world, None, ssl.TLSVersion.TLSv1_3)), "certificate required")
     assert [r.reason for r in rejections] == ["no_certificate"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mtls_engine.server"]
+    failed = [line.split(" failed: ", 1)[1] for line in lines if line.startswith("handshake with ")]
+    assert failed == [
+        "the client hung up during the TLS handshake",
+        "the client hung up during the TLS handshake",
+        "no TLS version in common (sent alert protocol_version)",
+        "no cipher suite in common (sent alert handshake_failure)",
+    ], lines
+    assert not [line for line in lines if "refused" in line or "alert 50" in line or "Error" in line], lines
 
 
 def test_asyncio_server_reports_refusals(world: World, rejections: list[mtls_engine.Rejection]) -> None:
@@ -469,3 +513,98 @@ def test_asyncio_server_reports_refusals(world: World, rejections: list[mtls_eng
     assert "certificate expired" in outcome or outcome.startswith("ConnectionResetError"), outcome
     (r,) = rejections
     assert (r.reason, r.subject) == ("expired", "CN=expired client")
+
+
+# -- what the client is told: the acceptable client CA names ------------------------
+
+
+def cn_of(ca: CA) -> str:
+    (attr,) = ca.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(attr.value)
+
+
+def names_seen(srv: ssl.SSLContext, w: World, tls: str) -> list[str] | None:
+    """The CA names s_client read from ``srv`` while its good client was accepted."""
+    need(shutil.which("openssl") is not None, "the openssl command is not installed (Debian: openssl)")
+    with echo_server(srv) as s:
+        names = ca_names_seen(s.port, tls, w.pki.ca_file, *w.good)
+    assert [seen["subject"] for seen in s.seen] == ["commonName=good client"], s.errors
+    return names
+
+
+def naming(names: list[str] | None, *cas: CA) -> bool:
+    """Whether ``names`` are exactly the subjects of ``cas``, one line each."""
+    return names is not None and len(names) == len(cas) and all(
+        sum(line.endswith(cn_of(ca)) for line in names) == 1 for ca in cas
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_client_ca_names_are_sent(world: World, rejections: list[mtls_engine.Rejection], tls: str) -> None:
+    """TLS 1.2: in the CertificateRequest; TLS 1.3: its certificate_authorities extension."""
+    names = names_seen(server(world, rejections), world, tls)
+    assert naming(names, world.root, world.inter), names
+    assert rejections == []
+
+
+@pytest.mark.parametrize("tls", ["1.2", "1.3"])
+def test_client_ca_names_can_be_withheld(world: World, rejections: list[mtls_engine.Rejection], tls: str) -> None:
+    srv = server(world, rejections, send_ca_names=False)
+    assert names_seen(srv, world, tls) is None
+    srv.load_verify_locations(str(world.pki.other_ca_file))  # a CA loaded later: still none
+    assert names_seen(srv, world, tls) is None
+
+
+def test_client_ca_names_follow_cas_loaded_later_and_crl_reloads(world: World) -> None:
+    srv = mtls_engine.server_context(world.pki.server_cert, world.pki.server_key, world.pki.ca_file)
+    assert naming(names_seen(srv, world, "1.3"), world.root)
+    srv.load_verify_locations(cadata=world.inter.pem.decode())
+    assert naming(names_seen(srv, world, "1.3"), world.root, world.inter)
+    assert naming(names_seen(srv, world, "1.2"), world.root, world.inter)
+    # a CRL reload changes what is checked, not which CAs are named
+    assert mtls_engine.load_crls(srv, world.crl_file("names.crl", world.root.crl(), world.inter.crl())) == 2
+    assert naming(names_seen(srv, world, "1.3"), world.root, world.inter)
+
+
+def test_describe_failure_in_an_own_accept_loop(world: World, rejections: list[mtls_engine.Rejection]) -> None:
+    """One thread handshaking connection after connection names each failure
+    by its own handshake, not by one that failed before on that thread."""
+    import socket
+
+    srv = server(world, rejections)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def failure_of(client: Callable[[], object]) -> BaseException:
+            done = threading.Thread(target=client)
+            done.start()
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            tls = srv.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            try:
+                with pytest.raises((ssl.SSLError, OSError)) as info:
+                    tls.do_handshake()
+            finally:
+                tls.close()
+                done.join(10)
+            return info.value
+
+        def no_cipher() -> None:
+            with pytest.raises(ssl.SSLError):
+                talk(old_client(world, maximum=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA:@SECLEVEL=0"), port)
+
+        def hang_up() -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(client_hello(ssl.TLSVersion.TLSv1_3))
+                raw.recv(65536)
+
+        def port_check() -> None:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+        exc = failure_of(no_cipher)
+        assert mtls_engine.describe_failure(exc) == "no cipher suite in common (sent alert handshake_failure)"
+        assert mtls_engine.describe_failure(failure_of(hang_up)) == "the client hung up during the TLS handshake"
+        assert mtls_engine.describe_failure(failure_of(port_check)) == "closed without a TLS handshake"
+        failure_of(no_cipher)  # not described: the next description must not take its record
+        assert mtls_engine.describe_failure(failure_of(port_check)) == "closed without a TLS handshake"
+    assert rejections == []
