@@ -121,27 +121,29 @@ _REGISTRY_LOCK = ForkSafeLock()
 _IDS = itertools.count(1)
 
 
-def _hooks_of(ctx: ssl.SSLContext) -> _Hooks:
-    """The one _Hooks of ``ctx`` (made on first use; gone with ``ctx``)."""
+def _update(ctx: ssl.SSLContext, **changes: Any) -> None:
+    """Set ``changes`` on the one _Hooks of ``ctx`` (made on first use; gone
+    with ``ctx``) and install the C callbacks with what it now asks.
+
+    One step under the lock: the C call runs without the GIL, so two
+    threads setting different hooks of one context could otherwise each
+    write the flags they computed, the later one without the other's
+    (an access rule or pin no longer enforced)."""
+    ptr = ssl_ctx_pointer(ctx)
     with _REGISTRY_LOCK:
         hooks = _BY_CONTEXT.get(ctx)
         if hooks is None:
             hooks = _BY_CONTEXT[ctx] = _Hooks(next(_IDS))
             _REGISTRY[hooks.id] = hooks
             weakref.finalize(ctx, _REGISTRY.pop, hooks.id, None)
-        return hooks
-
-
-def _sync(ctx: ssl.SSLContext, hooks: _Hooks) -> None:
-    """(Re)install the C callbacks on ``ctx`` with what ``hooks`` now asks."""
-    if not lib.mtls_install_peer_hooks(ssl_ctx_pointer(ctx), hooks.id, hooks.flags):
-        raise OpenSSLError("cannot install the peer verification callbacks", consume_errors())
+        for name, value in changes.items():
+            setattr(hooks, name, value)
+        if not lib.mtls_install_peer_hooks(ptr, hooks.id, hooks.flags):
+            raise OpenSSLError("cannot install the peer verification callbacks", consume_errors())
 
 
 def _install(ctx: ssl.SSLContext, on_reject: RejectHandler | None, rule: PeerRule | None) -> None:
-    hooks = _hooks_of(ctx)
-    hooks.on_reject, hooks.rule = on_reject, rule
-    _sync(ctx, hooks)
+    _update(ctx, on_reject=on_reject, rule=rule)
 
 
 def present_matcher(present_to: Iterable[str] | Callable[[str], bool]) -> Callable[[str], bool]:
@@ -183,9 +185,7 @@ def _normal_host(name: str) -> str:
 def present_only_to(ctx: ssl.SSLContext, present_to: Iterable[str] | Callable[[str], bool]) -> None:
     """Send ``ctx``'s client certificate only to the servers ``present_to``
     admits; other servers that ask get no certificate."""
-    hooks = _hooks_of(ctx)
-    hooks.present = present_matcher(present_to)
-    _sync(ctx, hooks)
+    _update(ctx, present=present_matcher(present_to))
 
 
 @ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
@@ -467,9 +467,7 @@ def pin_rule(pins: Iterable[str]) -> PeerRule:
 def pin_server(ctx: ssl.SSLContext, pins: Iterable[str]) -> None:
     """Make a client context accept only servers whose key or certificate is
     pinned (on top of the normal chain and host-name checks)."""
-    hooks = _hooks_of(ctx)
-    hooks.rule = pin_rule(list(pins))
-    _sync(ctx, hooks)
+    _update(ctx, rule=pin_rule(list(pins)))
 
 
 # -- the server context ------------------------------------------------------------
