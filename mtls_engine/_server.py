@@ -32,7 +32,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ._api import load_card_key
-from ._context import ssl_ctx_pointer
+from ._context import options_lock, ssl_ctx_pointer
 from ._errors import ConfigError, CrlError, OpenSSLError
 from ._fork import ForkSafeLock
 from ._lib import consume_errors, ffi, lib, text
@@ -125,12 +125,13 @@ def _update(ctx: ssl.SSLContext, **changes: Any) -> None:
     """Set ``changes`` on the one _Hooks of ``ctx`` (made on first use; gone
     with ``ctx``) and install the C callbacks with what it now asks.
 
-    One step under the lock: the C call runs without the GIL, so two
+    One step under the locks: the C call runs without the GIL, so two
     threads setting different hooks of one context could otherwise each
-    write the flags they computed, the later one without the other's
-    (an access rule or pin no longer enforced)."""
-    ptr = ssl_ctx_pointer(ctx)
-    with _REGISTRY_LOCK:
+    write the flags they computed, the later one without the other's (an
+    access rule or pin no longer enforced); and it may set an option (see
+    _context.options_lock)."""
+    with _REGISTRY_LOCK, options_lock:
+        ptr = ssl_ctx_pointer(ctx)
         hooks = _BY_CONTEXT.get(ctx)
         if hooks is None:
             hooks = _BY_CONTEXT[ctx] = _Hooks(next(_IDS))
