@@ -39,7 +39,7 @@ NATIVE = Path(__file__).resolve().parent / "native" / "races.c"
 def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/native/races.c, compiled against this OpenSSL's headers."""
     cc = os.environ.get("CC") or shutil.which("cc")
-    need(bool(cc) and shutil.which(cc or "") is not None, "a C compiler (cc) builds tests/native/races.c")
+    need(cc is not None and shutil.which(cc) is not None, "a C compiler (cc) builds tests/native/races.c")
     assert cc is not None
     flags: list[str] = []
     prefix = os.environ.get("MTLS_ENGINE_OPENSSL_PREFIX")

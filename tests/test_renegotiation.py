@@ -24,7 +24,7 @@ from cryptography import x509
 
 import mtls_engine
 from mtls_engine import _server
-from mtls_engine._lib import lib, text
+from mtls_engine._lib import ffi, lib, text
 from mtls_engine._softhsm import CA, KeyKind
 
 from .conftest import TEST_PIN, Pki, need
@@ -48,7 +48,9 @@ def _no_renegotiation_text() -> str:
     """OpenSSL's own text for SSL_R_NO_RENEGOTIATION (what s_client and
     s_server print when the peer refuses)."""
     code = (_ERR_LIB_SSL << 23 if _openssl_3() else _ERR_LIB_SSL << 24) | _SSL_R_NO_RENEGOTIATION
-    return text(lib.ERR_reason_error_string(code))
+    reason = lib.ERR_reason_error_string(code)
+    assert reason != ffi.NULL, "OpenSSL has no text for SSL_R_NO_RENEGOTIATION"
+    return text(reason)
 
 
 @dataclass
@@ -225,6 +227,7 @@ def test_server_refuses_a_renegotiation(files: Files) -> None:
     assert not echoed, out
     assert _no_renegotiation_text() in out
     assert served.received == [b"hello\n"]
+    assert served.error is not None  # the client ended the connection with an alert
     assert seen == ["CN=renegotiating client"]
 
 
@@ -239,6 +242,7 @@ def test_server_rule_decides_on_a_renegotiation_too(files: Files) -> None:
     assert seen == ["CN=renegotiating client"] * 2
     assert not echoed, out
     assert served.received == [b"hello\n"]
+    assert served.error is not None
 
 
 def test_server_renegotiation_allowed_runs_the_rule_again(files: Files) -> None:
@@ -249,6 +253,7 @@ def test_server_renegotiation_allowed_runs_the_rule_again(files: Files) -> None:
         echoed, out = client_renegotiates(port, files)
     assert echoed, out
     assert served.received == [b"hello\n", b"after\n"]
+    assert served.error is None
     assert seen == ["CN=renegotiating client"] * 2
 
 
