@@ -135,6 +135,32 @@ static SSL_CTX *mtls_ctx_candidate(uintptr_t object_address, size_t header_size)
     return *slot;
 }
 
+/* ---- one lock for making shared state on first use -------------------
+
+   The hooks of a context, the CRL set of a store and the default UI are
+   each looked up and, when missing, made and stored: two threads doing
+   that at once (cffi calls run without the GIL) would both make one, and
+   the settings written to the loser are lost.  Held only for that; never
+   while calling OpenSSL code that could call back into mtls_engine. */
+static CRYPTO_RWLOCK *mtls_setup_lock = NULL;
+static CRYPTO_ONCE mtls_setup_once = CRYPTO_ONCE_STATIC_INIT;
+
+static void mtls_setup_make(void)
+{
+    mtls_setup_lock = CRYPTO_THREAD_lock_new();
+}
+
+static int mtls_setup_begin(void)
+{
+    return CRYPTO_THREAD_run_once(&mtls_setup_once, mtls_setup_make) && mtls_setup_lock != NULL
+           && CRYPTO_THREAD_write_lock(mtls_setup_lock);
+}
+
+static void mtls_setup_end(void)
+{
+    CRYPTO_THREAD_unlock(mtls_setup_lock);
+}
+
 /* ---- PKCS#11 modules ------------------------------------------------ */
 
 /* A second function list from the module at `path`, which must already be
@@ -187,17 +213,22 @@ static int mtls_ui_read(UI *ui, UI_STRING *uis)
     }
 }
 
+static UI_METHOD *mtls_pin_ui_method = NULL;
+static CRYPTO_ONCE mtls_pin_ui_once = CRYPTO_ONCE_STATIC_INIT;
+
+static void mtls_pin_ui_make(void)
+{
+    UI_METHOD *m = UI_create_method("mtls_engine: verified PIN only");
+    if (m != NULL)
+        UI_method_set_reader(m, mtls_ui_read);
+    mtls_pin_ui_method = m;
+}
+
 static UI_METHOD *mtls_pin_ui(void)
 {
-    static UI_METHOD *method = NULL;
-    if (method == NULL) {
-        UI_METHOD *m = UI_create_method("mtls_engine: verified PIN only");
-        if (m == NULL)
-            return NULL;
-        UI_method_set_reader(m, mtls_ui_read);
-        method = m;
-    }
-    return method;
+    if (!CRYPTO_THREAD_run_once(&mtls_pin_ui_once, mtls_pin_ui_make))
+        return NULL;
+    return mtls_pin_ui_method;
 }
 
 /* OpenSSL's default UI, with PIN prompts taken out.  pkcs11-provider asks
@@ -209,6 +240,20 @@ static UI_METHOD *mtls_pin_ui(void)
    other prompt (a PEM pass phrase, say) goes to the UI that was the
    default before, unchanged. */
 static const UI_METHOD *mtls_ui_previous = NULL;
+
+/* How deep this thread is inside the UI the guard delegates to.  A UI that
+   replaced the default after mtls_engine and wraps the one it found (this
+   guard) becomes mtls_ui_previous at the next backend load; it then calls
+   the guard, which would call it again, until the stack overflows.  Called
+   back from inside the UI it delegated to, the guard ends the chain with
+   OpenSSL's own UI instead. */
+static __thread int mtls_guard_depth = 0;
+
+static const UI_METHOD *mtls_guard_next(void)
+{
+    const UI_METHOD *next = __atomic_load_n(&mtls_ui_previous, __ATOMIC_ACQUIRE);
+    return mtls_guard_depth > 0 || next == NULL ? UI_OpenSSL() : next;
+}
 
 #define MTLS_PIN_PROMPT_REFUSED \
     "mtls_engine: a PKCS#11 backend asked for a PIN on its own (the token's login was lost); " \
@@ -223,27 +268,44 @@ static int mtls_is_pin_prompt(UI_STRING *uis)
 
 static int mtls_guard_open(UI *ui)
 {
-    int (*f)(UI *) = UI_method_get_opener(mtls_ui_previous);
-    return f == NULL ? 1 : f(ui);
+    int (*f)(UI *) = UI_method_get_opener(mtls_guard_next());
+    int r;
+    if (f == NULL)
+        return 1;
+    mtls_guard_depth++;
+    r = f(ui);
+    mtls_guard_depth--;
+    return r;
 }
 
 static int mtls_guard_write(UI *ui, UI_STRING *uis)
 {
-    int (*f)(UI *, UI_STRING *) = UI_method_get_writer(mtls_ui_previous);
-    if (mtls_is_pin_prompt(uis))
-        return 1; /* say nothing: the reader refuses */
-    return f == NULL ? 1 : f(ui, uis);
+    int (*f)(UI *, UI_STRING *) = UI_method_get_writer(mtls_guard_next());
+    int r;
+    if (mtls_is_pin_prompt(uis) || f == NULL)
+        return 1; /* a PIN prompt: say nothing, the reader refuses */
+    mtls_guard_depth++;
+    r = f(ui, uis);
+    mtls_guard_depth--;
+    return r;
 }
 
 static int mtls_guard_flush(UI *ui)
 {
-    int (*f)(UI *) = UI_method_get_flusher(mtls_ui_previous);
-    return f == NULL ? 1 : f(ui);
+    int (*f)(UI *) = UI_method_get_flusher(mtls_guard_next());
+    int r;
+    if (f == NULL)
+        return 1;
+    mtls_guard_depth++;
+    r = f(ui);
+    mtls_guard_depth--;
+    return r;
 }
 
 static int mtls_guard_read(UI *ui, UI_STRING *uis)
 {
-    int (*f)(UI *, UI_STRING *) = UI_method_get_reader(mtls_ui_previous);
+    int (*f)(UI *, UI_STRING *) = UI_method_get_reader(mtls_guard_next());
+    int r;
     if (mtls_is_pin_prompt(uis)) {
 #if OPENSSL_VERSION_NUMBER >= 0x30000000L
         ERR_raise_data(ERR_LIB_USER, ERR_R_OPERATION_FAIL, "%s", MTLS_PIN_PROMPT_REFUSED);
@@ -253,35 +315,58 @@ static int mtls_guard_read(UI *ui, UI_STRING *uis)
 #endif
         return 0;
     }
-    return f == NULL ? 1 : f(ui, uis);
+    if (f == NULL)
+        return 1;
+    mtls_guard_depth++;
+    r = f(ui, uis);
+    mtls_guard_depth--;
+    return r;
 }
 
 static int mtls_guard_close(UI *ui)
 {
-    int (*f)(UI *) = UI_method_get_closer(mtls_ui_previous);
-    return f == NULL ? 1 : f(ui);
+    int (*f)(UI *) = UI_method_get_closer(mtls_guard_next());
+    int r;
+    if (f == NULL)
+        return 1;
+    mtls_guard_depth++;
+    r = f(ui);
+    mtls_guard_depth--;
+    return r;
 }
 
-/* Installs the guard as OpenSSL's default UI (once).  1 on success. */
+static UI_METHOD *mtls_guard_method = NULL;
+static CRYPTO_ONCE mtls_guard_once = CRYPTO_ONCE_STATIC_INIT;
+
+static void mtls_guard_make(void)
+{
+    UI_METHOD *m = UI_create_method("mtls_engine: no PKCS#11 PIN prompts");
+    if (m == NULL)
+        return;
+    UI_method_set_opener(m, mtls_guard_open);
+    UI_method_set_writer(m, mtls_guard_write);
+    UI_method_set_flusher(m, mtls_guard_flush);
+    UI_method_set_reader(m, mtls_guard_read);
+    UI_method_set_closer(m, mtls_guard_close);
+    mtls_guard_method = m;
+}
+
+/* Makes the guard OpenSSL's default UI again, if another UI took its place
+   since (that one becomes the guard's "previous": it may wrap the guard,
+   see mtls_guard_depth).  1 on success. */
 static int mtls_guard_pin_prompts(void)
 {
-    static UI_METHOD *guard = NULL;
-    const UI_METHOD *current = UI_get_default_method();
-    if (guard != NULL && current == guard)
-        return 1;
-    if (guard == NULL) {
-        UI_METHOD *m = UI_create_method("mtls_engine: no PKCS#11 PIN prompts");
-        if (m == NULL)
-            return 0;
-        UI_method_set_opener(m, mtls_guard_open);
-        UI_method_set_writer(m, mtls_guard_write);
-        UI_method_set_flusher(m, mtls_guard_flush);
-        UI_method_set_reader(m, mtls_guard_read);
-        UI_method_set_closer(m, mtls_guard_close);
-        guard = m;
+    const UI_METHOD *current;
+    if (!CRYPTO_THREAD_run_once(&mtls_guard_once, mtls_guard_make) || mtls_guard_method == NULL)
+        return 0;
+    if (!mtls_setup_begin())
+        return 0;
+    current = UI_get_default_method();
+    if (current != mtls_guard_method) {
+        __atomic_store_n(&mtls_ui_previous, current != NULL ? current : UI_OpenSSL(), __ATOMIC_RELEASE);
+        UI_set_default_method(mtls_guard_method);
     }
-    mtls_ui_previous = current != NULL ? current : UI_OpenSSL();
-    UI_set_default_method(guard);
+    mtls_setup_end();
     return 1;
 }
 
@@ -856,6 +941,21 @@ struct mtls_crlset {
     STACK_OF(X509_CRL) *crls;
 };
 
+/* TLS 1.2 renegotiation off on every context mtls_engine hooks, either
+   way: a renegotiation is a second handshake on the same connection, and
+   on a card-key context a second card signature each time the peer (or,
+   for a client, the server) asks.  The access rule and server pins run on
+   every chain the peer sends anyway (mtls_app_verify); a user who needs
+   renegotiation clears the option through ctx.options. */
+static void mtls_no_renegotiation(SSL_CTX *ctx)
+{
+#ifdef SSL_OP_NO_RENEGOTIATION
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+#else
+    (void)ctx;
+#endif
+}
+
 static int mtls_ssl_idx = -1, mtls_ctx_idx = -1, mtls_store_idx = -1;
 static CRYPTO_ONCE mtls_idx_once = CRYPTO_ONCE_STATIC_INIT;
 
@@ -967,7 +1067,7 @@ static int mtls_verify_cb(int ok, X509_STORE_CTX *st)
     if (depth == 0 && !rec->rule_done) {
         rec->rule_done = 1;
         mtls_describe(cert, rec->leaf_subject, rec->leaf_issuer, rec->leaf_serial);
-        if (hooks->flags & MTLS_HOOK_RULE) {
+        if (__atomic_load_n(&hooks->flags, __ATOMIC_ACQUIRE) & MTLS_HOOK_RULE) {
             unsigned char *der = NULL;
             int len = i2d_X509(cert, &der);
             int allowed = len > 0 && mtls_py_peer_rule(hooks->id, der, (size_t)len);
@@ -1017,7 +1117,7 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
     if (hooks == NULL)
         return;
-    mtls_card_check_alert(ssl, hooks->card, where, ret);
+    mtls_card_check_alert(ssl, __atomic_load_n(&hooks->card, __ATOMIC_ACQUIRE), where, ret);
     if (!SSL_is_server((SSL *)ssl) || !hooks->peer)
         return;
     rec = SSL_get_ex_data(ssl, mtls_ssl_idx);
@@ -1071,7 +1171,14 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
 
 static int mtls_app_verify(X509_STORE_CTX *st, void *arg)
 {
+    SSL *ssl = X509_STORE_CTX_get_ex_data(st, SSL_get_ex_data_X509_STORE_CTX_idx());
+    struct mtls_peer_record *rec = ssl != NULL ? SSL_get_ex_data(ssl, mtls_ssl_idx) : NULL;
     (void)arg;
+    /* One call per chain the peer sends: the first handshake, and again on
+       a renegotiation (when a context allows one) or a TLS 1.3
+       post-handshake authentication.  The rule runs on each. */
+    if (rec != NULL)
+        rec->rule_done = 0;
     X509_STORE_CTX_set_verify_cb(st, mtls_verify_cb);
     return X509_verify_cert(st);
 }
@@ -1081,8 +1188,11 @@ static int mtls_app_verify(X509_STORE_CTX *st, void *arg)
    signature, ask Python to reach the token again (re-open, log in, find
    the key by its URI) before this handshake signs anything; after a
    reconnection, sign with the new key.  0 fails the handshake. */
+static EVP_PKEY *mtls_card_key(struct mtls_card *card);
+
 static int mtls_card_cert(SSL *ssl, struct mtls_card *card)
 {
+    EVP_PKEY *pkey;
     int lost, ok = 1;
     if (!CRYPTO_THREAD_read_lock(card->lock))
         return 0;
@@ -1095,11 +1205,12 @@ static int mtls_card_cert(SSL *ssl, struct mtls_card *card)
         }
         return 0;
     }
-    if (!CRYPTO_THREAD_read_lock(card->lock))
-        return 0;
-    if (card->pkey != NULL)
-        ok = SSL_use_PrivateKey(ssl, card->pkey);
-    CRYPTO_THREAD_unlock(card->lock);
+    /* SSL_use_PrivateKey may call into the provider: not under the lock. */
+    pkey = mtls_card_key(card);
+    if (pkey != NULL) {
+        ok = SSL_use_PrivateKey(ssl, pkey);
+        EVP_PKEY_free(pkey);
+    }
     return ok;
 }
 
@@ -1170,14 +1281,19 @@ static STACK_OF(X509_NAME) *mtls_store_names(X509_STORE *store, int *count)
    connection without a lock.  1 on success. */
 static int mtls_set_client_ca_names(SSL_CTX *ctx, int send)
 {
-    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
+    struct mtls_ctx_hooks *hooks;
     STACK_OF(X509_NAME) *names;
     int count = 0;
-    if (hooks == NULL)
+    if (!mtls_setup_begin())
         return 0;
-    names = send ? mtls_store_names(SSL_CTX_get_cert_store(ctx), &count) : sk_X509_NAME_new_null();
-    if (names == NULL)
+    hooks = mtls_hooks_of(ctx);
+    names = hooks == NULL ? NULL
+            : send        ? mtls_store_names(SSL_CTX_get_cert_store(ctx), &count)
+                          : sk_X509_NAME_new_null();
+    if (names == NULL) {
+        mtls_setup_end();
         return 0;
+    }
     SSL_CTX_set_client_CA_list(ctx, names); /* the context owns `names` from here */
     /* A server with an empty client CA list sends the general CA list
        instead (empty unless set): clear it, so "none" means none. */
@@ -1186,6 +1302,7 @@ static int mtls_set_client_ca_names(SSL_CTX *ctx, int send)
     hooks->ca_count = count;
     if (send)
         SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
+    mtls_setup_end();
     return 1;
 }
 
@@ -1215,13 +1332,14 @@ static int mtls_refresh_ca_names(SSL *ssl, const struct mtls_ctx_hooks *hooks)
 static int mtls_cert_cb(SSL *ssl, void *arg)
 {
     struct mtls_ctx_hooks *hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
+    struct mtls_card *card;
     const char *host;
     char *ip = NULL;
     int present;
     (void)arg;
     if (hooks == NULL)
         return 1;
-    if (!SSL_is_server(ssl) && (hooks->flags & MTLS_HOOK_SCOPE)) {
+    if (!SSL_is_server(ssl) && (__atomic_load_n(&hooks->flags, __ATOMIC_ACQUIRE) & MTLS_HOOK_SCOPE)) {
         host = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
         if (host == NULL)
             host = X509_VERIFY_PARAM_get0_host(SSL_get0_param(ssl), 0);
@@ -1236,10 +1354,13 @@ static int mtls_cert_cb(SSL *ssl, void *arg)
     }
     if (SSL_is_server(ssl) && hooks->ca_names == MTLS_CA_NAMES_STORE && !mtls_refresh_ca_names(ssl, hooks))
         return 0;
-    return hooks->card != NULL ? mtls_card_cert(ssl, hooks->card) : 1;
+    card = __atomic_load_n(&hooks->card, __ATOMIC_ACQUIRE);
+    return card != NULL ? mtls_card_cert(ssl, card) : 1;
 }
 
-/* The hooks of a context, made on first use.  NULL on failure. */
+/* The hooks of a context, made on first use (then renegotiation is
+   turned off, see mtls_no_renegotiation).  The caller holds the setup
+   lock.  NULL on failure. */
 static struct mtls_ctx_hooks *mtls_hooks_of(SSL_CTX *ctx)
 {
     struct mtls_ctx_hooks *hooks;
@@ -1254,6 +1375,7 @@ static struct mtls_ctx_hooks *mtls_hooks_of(SSL_CTX *ctx)
             OPENSSL_free(hooks);
             return NULL;
         }
+        mtls_no_renegotiation(ctx);
     }
     return hooks;
 }
@@ -1261,9 +1383,14 @@ static struct mtls_ctx_hooks *mtls_hooks_of(SSL_CTX *ctx)
 /* Install the hooks on a context (once) and set what they do.  1 on success. */
 static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
 {
-    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
-    if (hooks == NULL)
+    struct mtls_ctx_hooks *hooks;
+    if (!mtls_setup_begin())
         return 0;
+    hooks = mtls_hooks_of(ctx);
+    if (hooks == NULL) {
+        mtls_setup_end();
+        return 0;
+    }
     if (!hooks->peer) {
         /* Not SSL_CTX_set_verify: CPython 3.13 resets that callback whenever
            verify_mode is set, which would silently drop the access rule and
@@ -1275,10 +1402,22 @@ static int mtls_install_peer_hooks(SSL_CTX *ctx, long id, int flags)
         hooks->peer = 1;
     }
     hooks->id = id;
-    hooks->flags = flags;
+    __atomic_store_n(&hooks->flags, flags, __ATOMIC_RELEASE);
     if (flags & MTLS_HOOK_SCOPE)
         SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
+    mtls_setup_end();
     return 1;
+}
+
+/* What the hooks of a context do now: MTLS_HOOK_* flags, | 4 when a card
+   is attached; -1 when the context has no hooks (for tests). */
+static int mtls_hooks_state(SSL_CTX *ctx)
+{
+    struct mtls_ctx_hooks *hooks = mtls_indexes() ? SSL_CTX_get_ex_data(ctx, mtls_ctx_idx) : NULL;
+    if (hooks == NULL)
+        return -1;
+    return __atomic_load_n(&hooks->flags, __ATOMIC_ACQUIRE)
+           | (__atomic_load_n(&hooks->card, __ATOMIC_ACQUIRE) != NULL ? 4 : 0);
 }
 
 /* ---- a card key that may go away ---------------------------------------- */
@@ -1302,13 +1441,17 @@ static struct mtls_card *mtls_card_new(long id)
    success. */
 static int mtls_attach_card(SSL_CTX *ctx, struct mtls_card *card)
 {
-    struct mtls_ctx_hooks *hooks = mtls_hooks_of(ctx);
-    if (hooks == NULL)
+    struct mtls_ctx_hooks *hooks;
+    if (!mtls_setup_begin())
         return 0;
-    hooks->card = card;
-    SSL_CTX_set_info_callback(ctx, mtls_info_cb);
-    SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
-    return 1;
+    hooks = mtls_hooks_of(ctx);
+    if (hooks != NULL) {
+        __atomic_store_n(&hooks->card, card, __ATOMIC_RELEASE);
+        SSL_CTX_set_info_callback(ctx, mtls_info_cb);
+        SSL_CTX_set_cert_cb(ctx, mtls_cert_cb, NULL);
+    }
+    mtls_setup_end();
+    return hooks != NULL;
 }
 
 /* Sign with `pkey` from the next handshake on, and forget the loss.  1 on
@@ -1416,6 +1559,10 @@ static int mtls_set_crls(SSL_CTX *ctx, const unsigned char **ders, const size_t 
             return 0;
         }
     }
+    if (!mtls_setup_begin()) {
+        sk_X509_CRL_pop_free(fresh, X509_CRL_free);
+        return 0;
+    }
     set = X509_STORE_get_ex_data(store, mtls_store_idx);
     if (set == NULL) {
         set = OPENSSL_zalloc(sizeof(*set));
@@ -1424,11 +1571,13 @@ static int mtls_set_crls(SSL_CTX *ctx, const unsigned char **ders, const size_t 
             if (set != NULL)
                 CRYPTO_THREAD_lock_free(set->lock);
             OPENSSL_free(set);
+            mtls_setup_end();
             sk_X509_CRL_pop_free(fresh, X509_CRL_free);
             return 0;
         }
         X509_STORE_set_lookup_crls(store, mtls_lookup_crls);
     }
+    mtls_setup_end();
     if (!CRYPTO_THREAD_write_lock(set->lock)) {
         sk_X509_CRL_pop_free(fresh, X509_CRL_free);
         return 0;

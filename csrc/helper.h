@@ -57,6 +57,7 @@ extern "Python+C" void mtls_py_rejected(long, int, int, struct mtls_peer_record 
 extern "Python+C" int mtls_py_recover(long);
 int mtls_install_peer_hooks(SSL_CTX *, long, int);
 int mtls_verify_callback_installed(SSL_CTX *);
+int mtls_hooks_state(SSL_CTX *);
 int mtls_set_crls(SSL_CTX *, const unsigned char **, const size_t *, int);
 void mtls_no_resumption(SSL_CTX *);
 int mtls_set_client_ca_names(SSL_CTX *, int);

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import _backends
-from ._context import ssl_ctx_pointer
+from ._context import options_lock, ssl_ctx_pointer
 from ._errors import (
     CertificateError,
     CertKeyMismatch,
@@ -296,7 +296,8 @@ def attach(ctx: ssl.SSLContext, loaded: LoadedKey, *, server: bool = False, pres
     if not lib.SSL_CTX_check_private_key(ssl_ctx):
         raise CertKeyMismatch("OpenSSL reports that the certificate and the card key do not match")
     if loaded.card is not None:
-        loaded.card.attach(ctx, ssl_ctx)
+        with options_lock:  # the card's hooks may set an option (OP_NO_RENEGOTIATION)
+            loaded.card.attach(ctx, ssl_ctx)
     if loaded.pkcs1_only:
         _restrict_to_pkcs1(ctx, ssl_ctx, server)
     if present_to is not None:

@@ -31,7 +31,12 @@ _VERIFY_MODES = {
     ssl.CERT_REQUIRED: 3,  # SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
 }
 
-_lock = ForkSafeLock()
+# Held while a context is validated (which flips an option and puts it
+# back) and while mtls_engine's C code may change a context's options (the
+# first hook sets OP_NO_RENEGOTIATION): the one would otherwise see, or
+# undo, the other's change.
+_lock = ForkSafeLock(reentrant=True)
+options_lock = _lock
 
 
 def _header_size() -> int:

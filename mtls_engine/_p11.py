@@ -585,7 +585,9 @@ class Module:
             n = ffi.new("unsigned long *")
             if self.fl.C_GetMechanismList(slot_id, ffi.NULL, n) != lib.CKR_OK:
                 return set()
-            mechs = ffi.new("CK_MECHANISM_TYPE[]", max(n[0], 1))
+            # One element more than asked for: p11-kit-client 0.24 reads one
+            # past the array it fills (mechanism_list_purge, fixed upstream).
+            mechs = ffi.new("CK_MECHANISM_TYPE[]", n[0] + 1)
             if self.fl.C_GetMechanismList(slot_id, mechs, n) != lib.CKR_OK:
                 return set()
             return {int(mechs[i]) for i in range(n[0])}

@@ -40,7 +40,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from ._api import load_card_key
-from ._context import ssl_ctx_pointer
+from ._context import options_lock, ssl_ctx_pointer
 from ._errors import ConfigError, CrlError, OpenSSLError
 from ._fork import ForkSafeLock
 from ._lib import consume_errors, ffi, lib, text
@@ -133,27 +133,30 @@ _REGISTRY_LOCK = ForkSafeLock()
 _IDS = itertools.count(1)
 
 
-def _hooks_of(ctx: ssl.SSLContext) -> _Hooks:
-    """The one _Hooks of ``ctx`` (made on first use; gone with ``ctx``)."""
-    with _REGISTRY_LOCK:
+def _update(ctx: ssl.SSLContext, **changes: Any) -> None:
+    """Set ``changes`` on the one _Hooks of ``ctx`` (made on first use; gone
+    with ``ctx``) and install the C callbacks with what it now asks.
+
+    One step under the locks: the C call runs without the GIL, so two
+    threads setting different hooks of one context could otherwise each
+    write the flags they computed, the later one without the other's (an
+    access rule or pin no longer enforced); and it may set an option (see
+    _context.options_lock)."""
+    with _REGISTRY_LOCK, options_lock:
+        ptr = ssl_ctx_pointer(ctx)
         hooks = _BY_CONTEXT.get(ctx)
         if hooks is None:
             hooks = _BY_CONTEXT[ctx] = _Hooks(next(_IDS))
             _REGISTRY[hooks.id] = hooks
             weakref.finalize(ctx, _REGISTRY.pop, hooks.id, None)
-        return hooks
-
-
-def _sync(ctx: ssl.SSLContext, hooks: _Hooks) -> None:
-    """(Re)install the C callbacks on ``ctx`` with what ``hooks`` now asks."""
-    if not lib.mtls_install_peer_hooks(ssl_ctx_pointer(ctx), hooks.id, hooks.flags):
-        raise OpenSSLError("cannot install the peer verification callbacks", consume_errors())
+        for name, value in changes.items():
+            setattr(hooks, name, value)
+        if not lib.mtls_install_peer_hooks(ptr, hooks.id, hooks.flags):
+            raise OpenSSLError("cannot install the peer verification callbacks", consume_errors())
 
 
 def _install(ctx: ssl.SSLContext, on_reject: RejectHandler | None, rule: PeerRule | None) -> None:
-    hooks = _hooks_of(ctx)
-    hooks.on_reject, hooks.rule = on_reject, rule
-    _sync(ctx, hooks)
+    _update(ctx, on_reject=on_reject, rule=rule)
 
 
 def present_matcher(present_to: Iterable[str] | Callable[[str], bool]) -> Callable[[str], bool]:
@@ -195,9 +198,7 @@ def _normal_host(name: str) -> str:
 def present_only_to(ctx: ssl.SSLContext, present_to: Iterable[str] | Callable[[str], bool]) -> None:
     """Send ``ctx``'s client certificate only to the servers ``present_to``
     admits; other servers that ask get no certificate."""
-    hooks = _hooks_of(ctx)
-    hooks.present = present_matcher(present_to)
-    _sync(ctx, hooks)
+    _update(ctx, present=present_matcher(present_to))
 
 
 @ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
@@ -593,9 +594,7 @@ def pin_rule(pins: Iterable[str]) -> PeerRule:
 def pin_server(ctx: ssl.SSLContext, pins: Iterable[str]) -> None:
     """Make a client context accept only servers whose key or certificate is
     pinned (on top of the normal chain and host-name checks)."""
-    hooks = _hooks_of(ctx)
-    hooks.rule = pin_rule(list(pins))
-    _sync(ctx, hooks)
+    _update(ctx, rule=pin_rule(list(pins)))
 
 
 # -- the server context ------------------------------------------------------------
@@ -666,7 +665,9 @@ def server_context(
         lib.mtls_no_resumption(ssl_ctx_pointer(ctx))
         ctx.options |= ssl.OP_NO_TICKET
     _install(ctx, on_reject, access_rule(allow))
-    if not lib.mtls_set_client_ca_names(ssl_ctx_pointer(ctx), 1 if send_ca_names else 0):
+    with options_lock:
+        named = lib.mtls_set_client_ca_names(ssl_ctx_pointer(ctx), 1 if send_ca_names else 0)
+    if not named:
         raise OpenSSLError("cannot set the client CA names the server sends", consume_errors())
     if crlfile is not None:
         load_crls(ctx, crlfile, chain=crl_chain)

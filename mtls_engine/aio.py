@@ -65,8 +65,9 @@ Behaviour to know:
   A step stuck in a card outlives a timeout or a cancellation (a thread
   cannot be interrupted); its connection is aborted meanwhile.
 * Left on the loop thread, as in asyncio: a TLS 1.2 renegotiation that the
-  server starts (some servers ask for the client certificate that way) and
-  TLS 1.3 post-handshake authentication (only if the client context sets
+  server starts (some servers ask for the client certificate that way; card
+  contexts refuse it unless ``OP_NO_RENEGOTIATION`` is cleared) and TLS 1.3
+  post-handshake authentication (only if the client context sets
   ``post_handshake_auth``); a card signature there blocks the loop.
 
 ``offload=False`` calls asyncio's own functions unchanged (the baseline).
