@@ -23,7 +23,9 @@ from .conftest import Pki
 from .servers import echo_server, talk
 
 
-def client_cert(ca: CA, common_name: str, sans: list[x509.GeneralName]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def client_cert(
+    ca: CA, common_name: str, sans: list[x509.GeneralName]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A clientAuth certificate from ``ca`` with these subject alternative
     names (none: no SAN extension at all), and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -47,6 +49,15 @@ def client_cert(ca: CA, common_name: str, sans: list[x509.GeneralName]) -> tuple
 DNS = x509.DNSName("client.example.org")
 EMAIL = x509.RFC822Name("alice@example.org")
 URI = x509.UniformResourceIdentifier("spiffe://example.org/workload/alice")
+UPPER: list[x509.GeneralName] = [x509.DNSName("CLIENT.Example.Org"), x509.RFC822Name("Alice@Example.ORG")]
+NEAR: list[x509.GeneralName] = [
+    x509.DNSName("other.example.org"),  # another host
+    x509.DNSName("alice@example.org"),  # the email address, as a DNS name
+    x509.RFC822Name("client.example.org"),  # the host name, as an email address
+    x509.RFC822Name("bob@example.org"),
+    x509.UniformResourceIdentifier("spiffe://example.org/workload/Alice"),  # URIs: case matters
+    x509.UniformResourceIdentifier("spiffe://example.org/workload/alice/x"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +70,8 @@ def certs(pki: Pki) -> dict[str, x509.Certificate]:
         "email": client_cert(pki.ca, "email client", [EMAIL])[0],
         "uri": client_cert(pki.ca, "uri client", [URI])[0],
         "all": client_cert(pki.ca, "all names", [x509.DNSName("x.example.net"), DNS, EMAIL, URI])[0],
-        "upper": client_cert(pki.ca, "upper case", [x509.DNSName("CLIENT.Example.Org"),
-                                                    x509.RFC822Name("Alice@Example.ORG")])[0],  # fmt: skip
-        "near": client_cert(pki.ca, "near misses", [
-            x509.DNSName("other.example.org"),  # another host
-            x509.DNSName("alice@example.org"),  # the email address, as a DNS name
-            x509.RFC822Name("client.example.org"),  # the host name, as an email address
-            x509.RFC822Name("bob@example.org"),
-            x509.UniformResourceIdentifier("spiffe://example.org/workload/Alice"),  # URIs: case matters
-            x509.UniformResourceIdentifier("spiffe://example.org/workload/alice/x"),
-        ])[0],  # fmt: skip
+        "upper": client_cert(pki.ca, "upper case", UPPER)[0],
+        "near": client_cert(pki.ca, "near misses", NEAR)[0],
         "none": client_cert(pki.ca, "client.example.org", [])[0],  # the name only as its CN
     }
 
@@ -120,7 +123,6 @@ def test_san_rule_in_handshakes(pki: Pki, tmp_path: Path) -> None:
         served = [talk(client(n, [san]), s.port)["subject"] for n, san in
                   [("by-dns", DNS), ("by-email", EMAIL), ("by-uri", URI)]]  # fmt: skip
         with pytest.raises(ssl.SSLError):
-            talk(client("near", [x509.DNSName("other.example.org"), x509.RFC822Name("client.example.org"),
-                                 x509.UniformResourceIdentifier("spiffe://example.org/workload/Alice")]), s.port)
+            talk(client("near", NEAR), s.port)
     assert served == ["commonName=by-dns", "commonName=by-email", "commonName=by-uri"]
     assert [(r.reason, r.subject) for r in rejections] == [("not_allowed", "CN=near")]
