@@ -1,14 +1,18 @@
 """The C boundary: the SSL_CTX pointer behind an SSLContext is accepted only
 when it is that context's own (not merely one configured the same way), and
-OpenSSL's error queue is left empty wherever mtls_engine says it is."""
+OpenSSL's error queue is left empty wherever mtls_engine says it is; a
+backend that asks for a PIN is offered the verified PIN once per key load."""
 
 from __future__ import annotations
 
 import json
 import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import mtls_engine
 from mtls_engine import _context
@@ -179,3 +183,45 @@ def test_the_fork_hook_leaves_the_childs_error_queue_empty() -> None:
     proc = run_python(FORK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == {"child": 0, "parent": True}
+
+
+# -- the verified PIN, offered once per key load -------------------------------------
+
+
+def _store_load(uri: bytes, pin: bytes | None) -> tuple[bool, int, list[str]]:
+    """mtls_store_load_private_key (csrc/helper.c) with ``pin`` as the
+    verified PIN on offer, taking the first key: (found, keys, errors)."""
+    count = ffi.new("int *")
+    buf = ffi.NULL if pin is None else ffi.new("char[]", pin)
+    lib.ERR_clear_error()
+    pkey = lib.mtls_store_load_private_key(ffi.NULL, uri, buf, len(pin or b""), 1, count)
+    found = pkey != ffi.NULL
+    if found:
+        lib.EVP_PKEY_free(pkey)
+    return found, int(count[0]), consume_errors()
+
+
+def test_the_verified_pin_is_offered_once_per_key_load(tmp_path: Path) -> None:
+    """A key load's store asks through mtls_engine's PIN UI (csrc/helper.c,
+    mtls_pin_offer); it gets the verified PIN for its first question and
+    nothing after.  Here the store is OpenSSL's own file store, which asks
+    once per encrypted key, through the same UI a PKCS#11 backend uses."""
+    secret = b"verified-elsewhere-1"
+    enc = serialization.BestAvailableEncryption(secret)
+
+    def keys(n: int) -> bytes:
+        return b"".join(
+            ec.generate_private_key(ec.SECP256R1()).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
+            )
+            for _ in range(n)
+        )
+
+    (tmp_path / "one.pem").write_bytes(keys(1))
+    (tmp_path / "two.pem").write_bytes(keys(2))
+    one, two = (f"file:{tmp_path / name}".encode() for name in ("one.pem", "two.pem"))
+    assert _store_load(one, secret) == (True, 1, [])  # the offer reaches the store
+    assert _store_load(one, None)[:2] == (False, 0)  # no PIN on offer: nothing answers
+    found, count, errors = _store_load(two, secret)
+    assert (found, count) == (True, 1)  # the second key's question got no answer
+    assert any("UI" in e for e in errors), errors
