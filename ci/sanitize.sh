@@ -24,13 +24,16 @@
 #   which reads one element past the caller's array (fixed upstream).
 # - leak detection off: OpenSSL, CPython and the PKCS#11 modules keep
 #   process-lifetime allocations that LeakSanitizer would all report.
+# - the resident-memory soak test deselected: ASan keeps freed memory in
+#   quarantine (up to 256 MB) and adds shadow memory, so memory grows by
+#   design (55 kB per handshake measured); its leak control still runs.
 # Every sanitizer report goes to .venv-asan/reports/{asan,ubsan}.<pid>; the
 # run fails when pytest fails or when any report was written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 BUILD_ONLY=""
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
@@ -123,7 +126,8 @@ export ASAN_OPTIONS="verify_asan_link_order=0:detect_leaks=0:log_path=$REPORTS/a
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan"
 echo "== pytest $* (sanitized build, reports in $REPORTS)"
 status=0
-(cd "$TREE" && "$DIR/bin/python" -m pytest -p no:cacheprovider "$@") || status=$?
+(cd "$TREE" && "$DIR/bin/python" -m pytest -p no:cacheprovider \
+   --deselect tests/test_soak.py::test_handshakes_and_recreated_contexts_do_not_leak "$@") || status=$?
 reports=$(find "$REPORTS" -maxdepth 1 \( -name 'asan.*' -o -name 'ubsan.*' \) | sort)
 if [ -n "$reports" ]; then
   echo "== sanitizer reports:"
