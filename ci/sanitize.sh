@@ -59,6 +59,9 @@ fi
 
 # -- the copy of the sources, rebuilt when they changed ------------------------
 mkdir -p "$TREE" "$REPORTS"
+# A fresh copy each run (a file deleted from the sources must not linger),
+# keeping only the build.
+find "$TREE" -type f ! -name '_binding*.so' ! -path '*.egg-info/*' -delete
 git ls-files -z --cached --others --exclude-standard |
   tar --null -T - -cf - | tar -xf - -C "$TREE"
 stamp=$(cd "$TREE" && cat csrc/* pyproject.toml setup.py | sha256sum | cut -c1-16)
