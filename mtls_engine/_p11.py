@@ -125,6 +125,7 @@ class Module:
         # Tokens logged in through this module, with how: a forked child
         # logs them in again the same way (see after_fork).
         self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytes | None], Any, bool]] = {}
+        self.fork_error: Exception | None = None  # why after_fork failed in this process, if it did
         self._read_info()
         other = lib.mtls_module_function_list(path.encode())
         self.isolated = other != ffi.NULL and other != functions
@@ -403,7 +404,16 @@ class Module:
         module for this process (``reinitialized``: a backend just did, with
         C_Finalize and C_Initialize), and log in again every token that was
         logged in, with the PIN source used before.  A token still logged in
-        (a module whose state survived the fork) costs no C_Login."""
+        (a module whose state survived the fork) costs no C_Login.  A
+        failure is also kept in ``fork_error`` (see _reconnect)."""
+        try:
+            self._after_fork(reinitialized)
+        except Exception as exc:
+            self.fork_error = exc
+            raise
+
+    def _after_fork(self, reinitialized: bool) -> None:
+        self.fork_error = None
         with self._lock:
             self._sessions.clear()
             if not reinitialized:

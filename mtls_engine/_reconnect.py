@@ -30,6 +30,11 @@ does it:
 - A PIN problem during a reconnection (rejected, locked, final try, no PIN
   source) stops the automatic attempts: :func:`reconnect` tries again when
   the user says so.
+- In a forked child whose module could not log in again (see _fork), every
+  card of that module is stopped the same way before any handshake: a
+  backend must not reach a token mtls_engine could not log in to
+  (pkcs11-provider logs in by itself on a pinpad reader, which needs no
+  PIN from anyone: the reader would ask its user at every signature).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from ._errors import (
     TokenNotFound,
     TokenUnavailable,
 )
-from ._fork import ForkSafeLock
+from ._fork import ForkSafeLock, in_child
 from ._lib import consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY
@@ -110,6 +115,7 @@ class Card:
         self._confirmed = False  # a test signature failed too: the token is really gone
         self.last_error: Error | None = None
         self.stopped: Error | None = None  # set by a PIN problem: no automatic attempts
+        self.stopped_in_child = False  # stopped because a forked child could not log in again
         self.reconnections = 0
         with _LOCK:
             self.id = next(_IDS)
@@ -198,6 +204,15 @@ class Card:
                 return False  # a false alarm, cleared meanwhile
             return self.stopped is not None or self._confirm()
 
+    def stop_in_child(self, cause: Exception) -> None:
+        """In a forked child that could not log in to the token again: no
+        handshake signs with this card until :func:`reconnect` succeeds."""
+        error = cause if isinstance(cause, Error) else Error(f"{type(cause).__name__}: {cause}")
+        with self._lock:
+            self.last_error = self.stopped = error
+            self.stopped_in_child = self._confirmed = True
+            self._state(lost=1)
+
     def snapshot(self) -> tuple[int, int]:
         return self.failures, self.reconnections
 
@@ -271,7 +286,7 @@ class Card:
         self._keys.append(pkey)
         self.token, self.key = token, key
         self.stopped = self.last_error = None
-        self._confirmed = False
+        self._confirmed = self.stopped_in_child = False
         self.reconnections += 1
         log.warning(
             "reconnected to %s: logged in again and reloaded the key %r through a new %s instance (%.0f ms)",
@@ -289,6 +304,12 @@ class Card:
             message = (
                 f"the card key {self.key.label!r} on {self.token} could not sign this handshake: the token "
                 "was unreachable, and mtls_engine has reconnected to it since; try the connection again"
+            )
+        elif self.stopped is not None and self.stopped_in_child:
+            message = (
+                f"the card key {self.key.label!r} on {self.token} cannot sign in this forked process: logging "
+                f"in to the token again after the fork failed ({type(self.stopped).__name__}: {self.stopped}), "
+                "and mtls_engine does not try again by itself. Fix that, then call mtls_engine.reconnect(ctx)"
             )
         elif self.stopped is not None:
             message = (
@@ -334,6 +355,20 @@ def _error_text(code: int) -> str:
 def mtls_py_recover(card_id: int) -> int:
     card = _CARDS.get(card_id)
     return 1 if card is not None and card.recover() else 0
+
+
+def _stop_cards_not_logged_in() -> None:
+    """In a forked child, after _backends' step logged the modules in
+    again: stop every card whose module could not."""
+    modules = {mod.path: mod for mod in list(Module._cache.values())}
+    for card in list(_CARDS.values()):
+        mod = modules.get(card.module_path)
+        if mod is not None and mod.fork_error is not None:
+            card.stop_in_child(mod.fork_error)
+
+
+# Registered after _backends' step (imported above), so it runs after it.
+in_child("stopping card keys whose token did not log in again", _stop_cards_not_logged_in)
 
 
 def card_of(ctx: ssl.SSLContext) -> Card | None:

@@ -1,13 +1,16 @@
 """The set-up script picks the apt suite for pkcs11-provider from
-/etc/debian_version (Debian 12: bookworm-backports; 13 and later: main)."""
+/etc/debian_version (Debian 12: bookworm-backports; 13 and later: main);
+the sanitizer script parses and explains itself."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from .conftest import need
 from .helpers import ROOT
 
 
@@ -35,3 +38,31 @@ def test_pkcs11_provider_suite_follows_debian_version(tmp_path: Path, debian_ver
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"pkcs11-provider: {suite}"
+
+
+def test_sanitize_script_parses_and_explains_itself() -> None:
+    """ci/sanitize.sh (the on-demand ASan + UBSan run) is valid shell and its
+    --help says what it does, without building or running anything."""
+    script = ROOT / "ci" / "sanitize.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The test suite against an AddressSanitizer + UndefinedBehaviorSanitizer")
+    for needed in ("bash ci/sanitize.sh --build", "RTLD_DEEPBIND", "mechanism_list_purge", ".venv-asan"):
+        assert needed in proc.stdout, needed
+
+
+def test_sanitize_preload_compiles(tmp_path: Path) -> None:
+    """The RTLD_DEEPBIND filter ci/sanitize.sh preloads builds as a shared
+    object that defines dlopen."""
+    cc = shutil.which("cc")
+    need(cc is not None, "no C compiler (cc) to build ci/strip_deepbind.c")
+    assert cc is not None
+    out = tmp_path / "strip_deepbind.so"
+    source = ROOT / "ci" / "strip_deepbind.c"
+    command = [cc, "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(out), str(source), "-ldl"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True, timeout=30)
+    assert " T dlopen" in symbols.stdout, symbols.stdout

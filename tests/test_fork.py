@@ -30,7 +30,7 @@ import pytest
 from mtls_engine._softhsm import KeyKind, run_on_tty
 
 from . import p11shim
-from .conftest import SHIM_PIN, Pki, ShimCard
+from .conftest import BACKEND_STATUS, SHIM_PIN, Pki, ShimCard, need
 from .helpers import ROOT
 
 SUBJECT = "commonName=card-holder shimcard"
@@ -335,3 +335,54 @@ def test_other_openssl_prompts_still_reach_the_terminal(
     assert status == 0, seen[-2000:]
     assert [p.strip() for p in asked] == [b"Enter PEM pass phrase:"]
     assert "loaded" in seen
+
+
+PINPAD_SCRIPT = """
+import json, os
+import mtls_engine
+from tests.servers import echo_server, server_context, talk
+
+srv_ctx = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+with echo_server(srv_ctx) as srv:
+    ctx = mtls_engine.client_context(key=os.environ["T_URI"], cafile=os.environ["T_CA"],
+                                     module=os.environ["T_MODULE"], backend=os.environ["T_BACKEND"])
+    parent = talk(ctx, srv.port)["subject"]
+    os.unlink(os.environ["MTLS_SHIM_PINPAD_PIN_FILE"])  # from now on nobody types on the reader
+    pid = os.fork()
+    if pid == 0:
+        try:
+            talk(ctx, srv.port)
+            os._exit(0)
+        except Exception as exc:
+            print(f"child: {type(exc).__name__}: {exc}", flush=True)
+            os._exit(3)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps({"pid": os.getpid(), "child": pid, "status": status, "parent": parent}))
+"""
+
+CKR_FUNCTION_CANCELED = 0x50
+
+
+def test_child_asks_a_pinpad_reader_once(shim_card: ShimCard, pki: Pki, tmp_path: Path) -> None:
+    """pkcs11-provider's child must log in again; on a pinpad reader that is
+    a C_Login without a PIN, which the reader answers after the user typed
+    (or not).  A failed pinpad login is not retried: it is not the known
+    PIN that worked before, and each try is one more PIN entry on the reader
+    (a wrong one costs a try).  Nor may the backend try: pkcs11-provider
+    logs in by itself on a pinpad reader at every signature attempt (five
+    C_Logins in one handshake, measured), so the child's card is stopped
+    before any handshake reaches it."""
+    need(*BACKEND_STATUS["provider"]())  # only the provider logs the child out (SoftHSM2 keeps the engine's login)
+    env = {**_client_env(shim_card, pki, tmp_path, "provider", "fork"),
+           **p11shim.shim_env(shim_card.store.module, tmp_path / "shim", token_flags=["pinpad"],
+                              pinpad_pin=SHIM_PIN)}  # fmt: skip
+    proc = _run(PINPAD_SCRIPT, tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["parent"] == SUBJECT
+    assert out["status"] == 3  # the child's handshake failed, cleanly
+    logins = _logins(env)
+    assert logins == {out["pid"]: [0], out["child"]: [CKR_FUNCTION_CANCELED]}, proc.stderr[-3000:]
+    assert all("pin=null" in rest for name, _, rest in p11shim.read_log(env["MTLS_SHIM_LOG"]) if name == "C_Login")
+    assert "child: TokenUnavailable: the card key 'ec256' on token 'shimcard'" in proc.stdout
+    assert "cannot sign in this forked process: logging in to the token again after the fork failed" in proc.stdout

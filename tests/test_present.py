@@ -173,3 +173,52 @@ def test_an_unlisted_server_gets_no_signature_from_the_card(pki: Pki, backend: s
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == ["", "", "commonName=card-holder ec256"]
     assert count_calls(spy_log, "C_SignInit") == 1  # only for the listed server
+
+
+UNKNOWN_NAME = """
+import json, os, ssl
+import mtls_engine
+from tests.servers import echo_server, talk
+E = os.environ
+srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+srv_ctx.load_cert_chain(E["T_SCERT"], E["T_SKEY"])
+srv_ctx.verify_mode = ssl.CERT_OPTIONAL
+srv_ctx.load_verify_locations(E["T_CA"])
+
+
+def context(present_to):
+    return mtls_engine.client_context(E["T_KEY"], cafile=E["T_CA"], module=E["T_MODULE"], pin=E["T_PIN"],
+                                      backend=E["T_BACKEND"], present_to=present_to)
+
+
+def refuse(host):
+    raise RuntimeError("a present_to predicate that fails")
+
+
+out = {}
+with echo_server(srv_ctx) as srv:
+    nameless = context(["localhost", "127.0.0.1"])
+    nameless.check_hostname = False  # no server name at all: no SNI, no name being verified
+    out["no_name"] = talk(nameless, srv.port, host=None)["subject"]
+    out["raising"] = talk(context(refuse), srv.port, host="localhost")["subject"]
+    out["listed"] = talk(nameless, srv.port, host="localhost")["subject"]  # the control: same context, named
+print(json.dumps(out))
+"""
+
+
+def test_no_card_for_an_unknown_name_or_a_failing_predicate(pki: Pki, backend: str, spy: str, spy_log: Path) -> None:
+    """A server whose name is unknown (server_hostname=None) cannot be
+    matched against present_to, and a predicate that raises cannot say yes:
+    both get no certificate, and the card signs nothing for them."""
+    from .helpers import count_calls
+
+    env = {"T_KEY": pki.key_uri(KeyKind.P256), "T_MODULE": spy, "T_PIN": pki.card1.pin, "T_BACKEND": backend,
+           "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key),
+           "PKCS11SPY": pki.module, "PKCS11SPY_OUTPUT": str(spy_log)}  # fmt: skip
+    proc = run_python(UNKNOWN_NAME, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out == {"no_name": "", "raising": "", "listed": "commonName=card-holder ec256"}
+    assert "the present_to predicate raised; the card is not presented" in proc.stderr
+    assert spy_log.exists()  # the spy did log this run: a count of 0 below would mean something
+    assert count_calls(spy_log, "C_SignInit") == 1  # the listed server's handshake only
