@@ -195,23 +195,53 @@ def key_uri(token: TokenInfo, key: KeyObject) -> str:
     return format_uri(attrs)
 
 
+class _Library:
+    """An engine library loaded for the life of the process: libp11's own
+    file, or a private copy of it.  ``busy`` while an engine instance made
+    from it is alive."""
+
+    def __init__(self, path: str, copy: bool) -> None:
+        self.path = path
+        self.copy = copy
+        self.busy = False
+
+
+class _Instance:
+    """One engine instance: its ENGINE (a functional reference), the
+    library it came from, and the count of its keys still alive (C:
+    mtls_users)."""
+
+    def __init__(self, e: Any, library: _Library, users: Any) -> None:
+        self.e = e
+        self.library = library
+        self.users = users
+        self.counted = True  # every key it made is counted (OpenSSL 3)
+
+
 class _EngineBackend:
-    """One engine instance per PKCS#11 module for the life of the process:
-    a new instance would re-initialise libp11 and could log in again.  The
-    one exception is ``fresh=True`` after the token was lost: libp11 0.4.12
-    keeps its module connection for the life of its instance and never
+    """One engine instance per PKCS#11 module at a time: a new instance
+    would re-initialise libp11 and could log in again.  The one exception
+    is ``fresh=True`` after the token was lost: libp11 0.4.12 keeps its
+    module connection for the life of its instance and never
     re-initialises it (except in a forked child), so a token that went away
     (a p11-kit server restarted, a card pulled) is reached again only
-    through a new instance.  Older instances stay alive: keys handed out
-    earlier still point into them.
+    through a new instance.  The old one is *retired*: keys it made may
+    still be in use (connections in flight hold their own reference), so it
+    is freed only once none is left (:meth:`release_unused`; every key is
+    counted in C, see mtls_users).  Freeing it closes its sessions and ends
+    its connection to the module (csrc/helper.c, mtls_p11_wrap).
 
     OpenSSL 3 lets one engine library back only one ENGINE at a time (its
     list of dynamic engines is keyed by the library's bind function: a
-    second load of the same file fails with "init failed").  So every
-    instance after the first is loaded from a private copy of the engine
-    library (a temporary folder of its own, removed once loaded), which has
-    its own libp11 state.  That also gives each PKCS#11 module its own
-    instance.
+    second load of the same file fails with "init failed").  So a second
+    instance alive at the same time is loaded from a private copy of the
+    engine library (a temporary folder of its own, removed once loaded),
+    which has its own libp11 state.  Libraries are never unloaded (libp11
+    leaves its error strings and EVP_PKEY methods registered with OpenSSL,
+    pointing into the library) and are reused: an instance is made from a
+    library whose previous instance was freed, so the number of copies is
+    the largest number of instances alive at once, not the number of
+    reconnections.
 
     Every instance reaches its module through this extension's
     C_GetFunctionList (csrc/helper.c): the module's own functions, except
@@ -219,67 +249,121 @@ class _EngineBackend:
     waiting for ever (libp11 0.4.13, after the token went away)."""
 
     def __init__(self) -> None:
-        self._engines: dict[str, Any] = {}
-        self._retired: list[Any] = []
-        self._opened = 0
+        self._engines: dict[str, _Instance] = {}
+        self._retired: list[_Instance] = []
+        self._libraries: list[_Library] = []
         self._lock = _fork.ForkSafeLock()
 
-    def _open(self, module: Module) -> Any:
+    def _library(self, path: str) -> tuple[_Library, str | None]:
+        """A loaded engine library no instance uses (a new copy when every
+        one is busy), and the copy's folder to remove once it is loaded."""
+        for library in self._libraries:
+            if not library.busy:
+                return library, None
+        if not self._libraries:
+            library = _Library(path, copy=False)
+            if not lib.mtls_dl_keep(path.encode()):
+                raise BackendUnavailable(f"cannot load libp11's engine {path}: {_dl_error()}")
+            self._libraries.append(library)
+            return library, None
+        copy_dir = None
+        try:
+            copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
+            so_path = os.path.join(copy_dir, os.path.basename(path))
+            shutil.copyfile(path, so_path)
+        except OSError as exc:
+            if copy_dir is not None:
+                shutil.rmtree(copy_dir, ignore_errors=True)
+            raise BackendUnavailable(
+                f"cannot copy libp11's engine {path} for a second engine instance ({exc.strerror}); "
+                "OpenSSL loads one instance per engine library. Set TMPDIR to a writable folder"
+            ) from None
+        if not lib.mtls_dl_keep(so_path.encode()):
+            why = _dl_error()
+            shutil.rmtree(copy_dir, ignore_errors=True)
+            raise BackendUnavailable(
+                f"cannot load a copy of libp11's engine {path} from {copy_dir} ({why}); TMPDIR must allow "
+                "executables"
+            )
+        library = _Library(so_path, copy=True)
+        self._libraries.append(library)
+        return library, copy_dir
+
+    def _open(self, module: Module) -> _Instance:
         path = engine_path()
         if path is None:
             raise BackendUnavailable(engine_status()[1])
         _guard_pin_prompts()
-        copy_dir = None
-        so_path = path
-        if self._opened:
-            try:
-                copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
-                so_path = os.path.join(copy_dir, os.path.basename(path))
-                shutil.copyfile(path, so_path)
-            except OSError as exc:
-                if copy_dir is not None:
-                    shutil.rmtree(copy_dir, ignore_errors=True)
-                raise BackendUnavailable(
-                    f"cannot copy libp11's engine {path} for a second engine instance ({exc.strerror}); "
-                    "OpenSSL loads one instance per engine library. Set TMPDIR to a writable folder"
-                ) from None
+        self._release_unused()  # a library whose instance is gone can serve this one
+        library, copy_dir = self._library(path)
         lib.ERR_clear_error()
         try:
-            e = lib.mtls_engine_open(so_path.encode(), BINDING_PATH.encode(), module.path.encode())
+            e = lib.mtls_engine_open(library.path.encode(), BINDING_PATH.encode(), module.path.encode(),
+                                     int(module.isolated))  # fmt: skip
         finally:
             if copy_dir is not None:
                 shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
         if e == ffi.NULL:
             errors = consume_errors()
-            where = ""
-            if copy_dir is not None:
-                where = f" (loaded from a copy in {copy_dir}: TMPDIR must allow executables)"
+            where = f" (loaded from a copy in {os.path.dirname(library.path)})" if library.copy else ""
             raise BackendUnavailable(
                 f"cannot start libp11's engine {path} for module {module.path}{where}"
                 + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
             )
-        self._opened += 1
-        return e
+        users = lib.mtls_users_new()
+        if users == ffi.NULL:
+            lib.mtls_engine_close(e)
+            raise BackendUnavailable("out of memory starting libp11's engine")
+        library.busy = True
+        return _Instance(e, library, users)
 
-    def engine(self, module: Module, *, fresh: bool = False) -> Any:
+    def engine(self, module: Module, *, fresh: bool = False) -> _Instance:
         with self._lock:
-            e = self._engines.get(module.path)
-            if e is None or fresh:
+            inst = self._engines.get(module.path)
+            if inst is None or fresh:
                 new = self._open(module)
-                if e is not None:
-                    self._retired.append(e)
-                e = self._engines[module.path] = new
-            return e
+                if inst is not None:
+                    self._retired.append(inst)
+                inst = self._engines[module.path] = new
+            return inst
+
+    def release_unused(self) -> int:
+        """Free every retired instance none of whose keys is left; returns
+        how many are still alive (current and retired)."""
+        with self._lock:
+            self._release_unused()
+            return len(self._engines) + len(self._retired)
+
+    def _release_unused(self) -> None:
+        keep = []
+        for inst in self._retired:
+            if not inst.counted or lib.mtls_users_count(inst.users) != 0:
+                keep.append(inst)
+                continue
+            lib.mtls_engine_close(inst.e)
+            consume_errors()  # libp11's teardown may leave some (a module already gone)
+            lib.mtls_users_free(inst.users)
+            inst.library.busy = False
+        self._retired = keep
+
+    def libraries(self) -> int:
+        """Engine libraries loaded so far (libp11's own and its copies)."""
+        with self._lock:
+            return len(self._libraries)
 
     def load_private_key(
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
     ) -> Any:
         uri = key_uri(token, key)
-        e = self.engine(module, fresh=fresh)
+        slots = ffi.new("int[3]")
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2)
+        unwrapped = slots[2]
+        inst = self.engine(module, fresh=fresh)
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
         try:
-            pkey = lib.mtls_engine_load_private_key(e, module.path.encode(), uri.encode(), pin_buf, len(pin or b""))
+            pkey = lib.mtls_engine_load_private_key(inst.e, module.path.encode(), int(module.isolated), uri.encode(),
+                                                    pin_buf, len(pin or b""))  # fmt: skip
         finally:
             _wipe(pin_buf, pin)
         if pkey == ffi.NULL:
@@ -288,7 +372,22 @@ class _EngineBackend:
                 f"libp11's engine could not load the private key {uri} that mtls_engine found on "
                 f"{token}" + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
             )
-        return ffi.gc(pkey, lib.EVP_PKEY_free)
+        pkey = ffi.gc(pkey, lib.EVP_PKEY_free)
+        if not lib.mtls_pkey_track(pkey, inst.users):
+            inst.counted = False  # stays loaded for the life of the process
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2)
+        if slots[2] != unwrapped:
+            log.warning(
+                "libp11's engine for %s got the module's own function list: %d engine instances are alive "
+                "(keys of earlier reconnections are still in use); with libp11 0.4.13 a lost token would "
+                "block its signatures", module.path, slots[0],
+            )  # fmt: skip
+        return pkey
+
+
+def _dl_error() -> str:
+    why = lib.dlerror()
+    return text(why) if why != ffi.NULL else "no reason given"
 
 
 def _pin_buffer(pin: bytes | None) -> Any:
@@ -316,14 +415,18 @@ class _ProviderBackend:
     only a separate library context lets a key be loaded from the new
     instance and not the old one.  The key still signs for contexts of the
     default library context (OpenSSL fetches the signature from the key's
-    own provider).  Older instances stay loaded: keys handed out earlier
-    still belong to them."""
+    own provider).  An older instance is *retired*: its library context is
+    freed (and the instance with it) once no key it made is left
+    (:meth:`release_unused`; keys are counted in C, see mtls_users).  The
+    first instance, in the default library context, stays."""
 
     NAME = "mtls_engine_pkcs11"
 
     def __init__(self) -> None:
         self._module: str | None = None
         self._libctx: Any = ffi.NULL  # where the current instance lives
+        self._users: Any = ffi.NULL  # its keys (NULL: the default library context's, never freed)
+        self._retired: list[tuple[Any, Any]] = []  # (library context, its users)
         self._generation = 0
         self._lock = _fork.ForkSafeLock()
         # One EVP_PKEY per token key and instance, loaded once:
@@ -358,6 +461,7 @@ class _ProviderBackend:
                 lib.mtls_activate_fallbacks()
                 extra: list[str] = []
             else:
+                self._release_unused()
                 libctx = lib.mtls_libctx_new()
                 if libctx == ffi.NULL:
                     raise BackendUnavailable("OpenSSL cannot create a library context for a new pkcs11-provider")
@@ -379,13 +483,44 @@ class _ProviderBackend:
                 errors = consume_errors()
                 if line[0] > 0:
                     errors.append(f"line {line[0]} of mtls_engine's provider configuration")
+                if libctx != ffi.NULL:
+                    lib.mtls_libctx_free(libctx)
                 raise BackendUnavailable(
                     f"cannot load pkcs11-provider {path} for the PKCS#11 module {module.path}"
                     + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
                 )
+            users = ffi.NULL
+            if libctx != ffi.NULL:
+                users = lib.mtls_users_new()
+                if users == ffi.NULL:
+                    lib.mtls_libctx_free(libctx)
+                    raise BackendUnavailable("out of memory loading a new pkcs11-provider instance")
+            if self._libctx != ffi.NULL:
+                self._retired.append((self._libctx, self._users))
             self._module = module.path
             self._libctx = libctx
+            self._users = users
             self._generation += 1
+            # Keys of older instances are no longer handed out; whoever holds one keeps it alive.
+            self._keys = {k: v for k, v in self._keys.items() if k[0] == self._generation}
+
+    def release_unused(self) -> int:
+        """Free every retired instance none of whose keys is left; returns
+        how many library contexts of mtls_engine's are still alive."""
+        with self._lock:
+            self._release_unused()
+            return len(self._retired) + (self._libctx != ffi.NULL)
+
+    def _release_unused(self) -> None:
+        keep = []
+        for libctx, users in self._retired:
+            if users == ffi.NULL or lib.mtls_users_count(users) != 0:
+                keep.append((libctx, users))
+                continue
+            lib.mtls_libctx_free(libctx)
+            consume_errors()
+            lib.mtls_users_free(users)
+        self._retired = keep
 
     def load_private_key(
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
@@ -395,7 +530,10 @@ class _ProviderBackend:
             slot = (self._generation, module.path, token.serial, key.handle)
             cached = self._keys.get(slot)
             if cached is None:
-                cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
+                cached = self._load(self._libctx, token, key, pin, copies=fresh)
+                if self._users != ffi.NULL and not lib.mtls_pkey_track(cached, self._users):
+                    self._users = ffi.NULL  # a key that cannot be counted: this instance stays
+                self._keys[slot] = cached
             return cached
 
     def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
@@ -435,6 +573,13 @@ def _guard_pin_prompts() -> None:
 
 ENGINE = _EngineBackend()
 PROVIDER = _ProviderBackend()
+
+
+def release_unused() -> None:
+    """Free the backend instances that reconnections retired and whose
+    keys are all gone (nothing else frees them)."""
+    ENGINE.release_unused()
+    PROVIDER.release_unused()
 
 
 def _after_fork() -> None:
