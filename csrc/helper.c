@@ -994,12 +994,6 @@ static OSSL_LIB_CTX *mtls_libctx_new(void)
     return OSSL_LIB_CTX_new();
 }
 
-/* Free a library context from mtls_libctx_new once no key from it is left
-   (mtls_users): its pkcs11-provider instance is torn down with it. */
-static void mtls_libctx_free(OSSL_LIB_CTX *libctx)
-{
-    OSSL_LIB_CTX_free(libctx);
-}
 
 /* Opens and closes a store on the "pkcs11:" scheme: any call into
    pkcs11-provider runs its pending work first, and in a forked child that
@@ -1119,11 +1113,6 @@ static int mtls_provider_describe(const char *path, char *name, size_t name_size
 static OSSL_LIB_CTX *mtls_libctx_new(void)
 {
     return NULL;
-}
-
-static void mtls_libctx_free(OSSL_LIB_CTX *libctx)
-{
-    (void)libctx;
 }
 
 #endif

@@ -37,7 +37,6 @@ void mtls_activate_fallbacks(void);
 EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *, const char *, const char *, int, int, int *);
 int mtls_provider_loaded(OSSL_LIB_CTX *, const char *);
 OSSL_LIB_CTX *mtls_libctx_new(void);
-void mtls_libctx_free(OSSL_LIB_CTX *);
 int mtls_provider_wake(void);
 int mtls_provider_describe(const char *, char *, size_t, char *, size_t, char *, size_t);
 

@@ -415,18 +415,21 @@ class _ProviderBackend:
     only a separate library context lets a key be loaded from the new
     instance and not the old one.  The key still signs for contexts of the
     default library context (OpenSSL fetches the signature from the key's
-    own provider).  An older instance is *retired*: its library context is
-    freed (and the instance with it) once no key it made is left
-    (:meth:`release_unused`; keys are counted in C, see mtls_users).  The
-    first instance, in the default library context, stays."""
+    own provider).  Older instances stay loaded, unlike the engine's: every
+    time OpenSSL compares the key with a certificate (X509_check_private_key,
+    and SSL_use_PrivateKey at each handshake) it imports the certificate's
+    public key into the key's provider and keeps that copy in the
+    certificate's EVP_PKEY for the certificate's life (the context's), with
+    nothing to say when it goes.  Tearing the instance down before then
+    leaves that copy pointing into it (measured: SIGSEGV when the context
+    is freed).  So each reconnection through pkcs11-provider keeps an
+    instance, its sessions and its module connection (docs/p11kit.md)."""
 
     NAME = "mtls_engine_pkcs11"
 
     def __init__(self) -> None:
         self._module: str | None = None
         self._libctx: Any = ffi.NULL  # where the current instance lives
-        self._users: Any = ffi.NULL  # its keys (NULL: the default library context's, never freed)
-        self._retired: list[tuple[Any, Any]] = []  # (library context, its users)
         self._generation = 0
         self._lock = _fork.ForkSafeLock()
         # One EVP_PKEY per token key and instance, loaded once:
@@ -461,7 +464,6 @@ class _ProviderBackend:
                 lib.mtls_activate_fallbacks()
                 extra: list[str] = []
             else:
-                self._release_unused()
                 libctx = lib.mtls_libctx_new()
                 if libctx == ffi.NULL:
                     raise BackendUnavailable("OpenSSL cannot create a library context for a new pkcs11-provider")
@@ -483,44 +485,20 @@ class _ProviderBackend:
                 errors = consume_errors()
                 if line[0] > 0:
                     errors.append(f"line {line[0]} of mtls_engine's provider configuration")
-                if libctx != ffi.NULL:
-                    lib.mtls_libctx_free(libctx)
                 raise BackendUnavailable(
                     f"cannot load pkcs11-provider {path} for the PKCS#11 module {module.path}"
                     + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
                 )
-            users = ffi.NULL
-            if libctx != ffi.NULL:
-                users = lib.mtls_users_new()
-                if users == ffi.NULL:
-                    lib.mtls_libctx_free(libctx)
-                    raise BackendUnavailable("out of memory loading a new pkcs11-provider instance")
-            if self._libctx != ffi.NULL:
-                self._retired.append((self._libctx, self._users))
             self._module = module.path
             self._libctx = libctx
-            self._users = users
             self._generation += 1
-            # Keys of older instances are no longer handed out; whoever holds one keeps it alive.
+            # Older instances' keys are no longer handed out: whoever holds one keeps it.
             self._keys = {k: v for k, v in self._keys.items() if k[0] == self._generation}
 
-    def release_unused(self) -> int:
-        """Free every retired instance none of whose keys is left; returns
-        how many library contexts of mtls_engine's are still alive."""
+    def instances(self) -> int:
+        """pkcs11-provider instances mtls_engine loaded in this process."""
         with self._lock:
-            self._release_unused()
-            return len(self._retired) + (self._libctx != ffi.NULL)
-
-    def _release_unused(self) -> None:
-        keep = []
-        for libctx, users in self._retired:
-            if users == ffi.NULL or lib.mtls_users_count(users) != 0:
-                keep.append((libctx, users))
-                continue
-            lib.mtls_libctx_free(libctx)
-            consume_errors()
-            lib.mtls_users_free(users)
-        self._retired = keep
+            return self._generation
 
     def load_private_key(
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
@@ -530,10 +508,7 @@ class _ProviderBackend:
             slot = (self._generation, module.path, token.serial, key.handle)
             cached = self._keys.get(slot)
             if cached is None:
-                cached = self._load(self._libctx, token, key, pin, copies=fresh)
-                if self._users != ffi.NULL and not lib.mtls_pkey_track(cached, self._users):
-                    self._users = ffi.NULL  # a key that cannot be counted: this instance stays
-                self._keys[slot] = cached
+                cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
             return cached
 
     def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
@@ -576,10 +551,9 @@ PROVIDER = _ProviderBackend()
 
 
 def release_unused() -> None:
-    """Free the backend instances that reconnections retired and whose
-    keys are all gone (nothing else frees them)."""
+    """Free the engine instances that reconnections retired and whose keys
+    are all gone (nothing else frees them)."""
     ENGINE.release_unused()
-    PROVIDER.release_unused()
 
 
 def _after_fork() -> None:
