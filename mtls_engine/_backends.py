@@ -282,8 +282,7 @@ class _EngineBackend:
             why = _dl_error()
             shutil.rmtree(copy_dir, ignore_errors=True)
             raise BackendUnavailable(
-                f"cannot load a copy of libp11's engine {path} from {copy_dir} ({why}); TMPDIR must allow "
-                "executables"
+                f"cannot load a copy of libp11's engine {path} from {copy_dir} ({why}); TMPDIR must allow executables"
             )
         library = _Library(so_path, copy=True)
         self._libraries.append(library)

@@ -284,7 +284,9 @@ def test_many_reconnections_keep_nothing_loaded_and_a_lost_token_still_fails_at_
             timeout=120 + RECONNECTIONS)  # fmt: skip
     warm, end = r["at_warmup"], r["at_end"]
     request.node.user_properties.append(("seconds_per_reconnection", round(r["seconds_per_reconnection"], 4)))
-    request.node.user_properties.append(("rss_growth_per_reconnection", (end["rss"] - warm["rss"]) // (RECONNECTIONS - WARMUP)))
+    request.node.user_properties.append(
+        ("rss_growth_per_reconnection", (end["rss"] - warm["rss"]) // (RECONNECTIONS - WARMUP))
+    )
     assert r["before"]["ok"], r["before"]
     assert r["failed"] == [] and r["reconnections"] == RECONNECTIONS, r["failed"]
     # After all of them, a lost token still fails handshakes at once, named,
