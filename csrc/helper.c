@@ -432,14 +432,21 @@ static int mtls_dl_keep(const char *path)
    those; C_Finalize closes them too and goes no further.  A module that
    gives each caller its own instance ("isolated": p11-kit-client.so, one
    connection each) gets both calls as they are: they end only that
-   instance's connection. */
+   instance's connection.  Such an instance, once finalised, is kept with
+   its slot and serves the next engine instance for the same module (which
+   initialises it again): p11-kit-client.so frees a caller's state only
+   when it is unloaded, so a new one per reconnection would add up. */
 struct mtls_p11_wrap {
     CK_FUNCTION_LIST list; /* what libp11 calls */
     CK_RV (*open_session)(CK_SLOT_ID, CK_FLAGS, CK_VOID_PTR, CK_NOTIFY, CK_SESSION_HANDLE_PTR);
     CK_RV (*close_session)(CK_SESSION_HANDLE);
     CK_RV (*close_all_sessions)(CK_SLOT_ID);
+    CK_RV (*finalize)(CK_VOID_PTR);
     int used;
     int shared;
+    int finalized; /* an isolated instance its engine finalised */
+    int spare;     /* not used, and finalised: serves the next instance for `target` */
+    char *target;  /* module path of an isolated instance */
     int nsessions;
     struct {
         CK_SLOT_ID slot;
@@ -451,6 +458,7 @@ static pthread_mutex_t mtls_p11_lock = PTHREAD_MUTEX_INITIALIZER; /* slots and t
 static int mtls_p11_in_use = 0;    /* slots taken now */
 static int mtls_p11_handed = 0;    /* changed lists handed out so far */
 static int mtls_p11_unwrapped = 0; /* engine instances that got the module's own list (all slots taken) */
+static int mtls_p11_recycled = 0;  /* engine instances that got a finalised isolated instance again */
 static int mtls_engines_alive = 0; /* engine instances mtls_engine opened and OpenSSL has not freed */
 static __thread const char *mtls_p11_target = NULL;
 static __thread ENGINE *mtls_p11_engine = NULL;
@@ -571,12 +579,23 @@ static CK_RV mtls_p11_close_all_sessions(int i, CK_SLOT_ID slot)
     return CKR_OK;
 }
 
-/* Shared module only: the module stays initialised for its other users. */
+/* A shared module stays initialised for its other users; an isolated
+   instance is finalised (and then kept for reuse, see mtls_p11_release). */
 static CK_RV mtls_p11_finalize(int i, CK_VOID_PTR reserved)
 {
-    (void)reserved;
-    mtls_p11_close_taken(&mtls_p11_wraps[i], 0, 1);
-    return CKR_OK;
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    CK_RV rv;
+    if (w->shared) {
+        mtls_p11_close_taken(w, 0, 1);
+        return CKR_OK;
+    }
+    rv = w->finalize(reserved);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&mtls_p11_lock);
+        w->finalized = 1;
+        pthread_mutex_unlock(&mtls_p11_lock);
+    }
+    return rv;
 }
 
 #define MTLS_P11_FNS(r, c)                                                                                      \
@@ -622,8 +641,10 @@ static void mtls_p11_release(int i)
         return;
     pthread_mutex_lock(&mtls_p11_lock);
     if (mtls_p11_wraps[i].used) {
-        mtls_p11_wraps[i].used = 0;
-        mtls_p11_wraps[i].nsessions = 0;
+        struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+        w->used = 0;
+        w->nsessions = 0;
+        w->spare = !w->shared && w->finalized && w->target != NULL;
         mtls_p11_in_use--;
     }
     pthread_mutex_unlock(&mtls_p11_lock);
@@ -652,30 +673,35 @@ static void mtls_make_engine_index(void)
    taken (64 engine instances alive) the module's own list is handed out,
    and counted (mtls_p11_slots): libp11 0.4.13 would then wait for ever
    on a lost token. */
+/* Slot i for an engine instance (lock held). */
+static void mtls_p11_take(int i)
+{
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    w->used = 1;
+    w->spare = 0;
+    w->finalized = 0;
+    w->nsessions = 0;
+    mtls_p11_in_use++;
+    mtls_p11_handed++;
+}
+
 __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
 {
     const char *target = mtls_p11_target;
     ENGINE *e = mtls_p11_engine;
+    int isolated = mtls_p11_isolated;
     void *handle;
     CK_RV (*get)(CK_FUNCTION_LIST_PTR_PTR);
     CK_FUNCTION_LIST_PTR real = NULL;
     struct mtls_p11_wrap *w;
     intptr_t mark;
+    char *copy = NULL;
     CK_RV rv;
     int i;
     if (out == NULL)
         return CKR_ARGUMENTS_BAD;
     if (target == NULL || e == NULL || mtls_engine_idx < 0)
         return CKR_GENERAL_ERROR; /* not called for an engine mtls_engine opened */
-    handle = dlopen(target, RTLD_NOW | RTLD_LOCAL); /* kept open: libp11 holds its functions */
-    if (handle == NULL)
-        return CKR_GENERAL_ERROR;
-    *(void **)&get = dlsym(handle, "C_GetFunctionList");
-    if (get == NULL)
-        return CKR_GENERAL_ERROR;
-    rv = get(&real);
-    if (rv != CKR_OK || real == NULL)
-        return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
     if (__atomic_load_n(&mtls_p11_err_lib, __ATOMIC_ACQUIRE) == 0) {
         int lib = ERR_get_next_error_library();
         mtls_p11_err_lib_name[0].error = ERR_PACK(lib, 0, 0);
@@ -690,26 +716,56 @@ __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_
         mtls_p11_release((int)(mark - 2));
         ENGINE_set_ex_data(e, mtls_engine_idx, (void *)(intptr_t)1);
     }
-    if (real->C_OpenSession == NULL || real->C_CloseSession == NULL || real->C_CloseAllSessions == NULL) {
+    pthread_mutex_lock(&mtls_p11_lock);
+    for (i = 0; isolated && i < MTLS_P11_WRAPS; i++) {
+        w = &mtls_p11_wraps[i];
+        if (!w->used && w->spare && strcmp(w->target, target) == 0) {
+            mtls_p11_take(i);
+            mtls_p11_recycled++;
+            pthread_mutex_unlock(&mtls_p11_lock);
+            goto handed;
+        }
+    }
+    pthread_mutex_unlock(&mtls_p11_lock);
+    handle = dlopen(target, RTLD_NOW | RTLD_LOCAL); /* kept open: libp11 holds its functions */
+    if (handle == NULL)
+        return CKR_GENERAL_ERROR;
+    *(void **)&get = dlsym(handle, "C_GetFunctionList");
+    if (get == NULL)
+        return CKR_GENERAL_ERROR;
+    rv = get(&real);
+    if (rv != CKR_OK || real == NULL)
+        return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+    if (real->C_OpenSession == NULL || real->C_CloseSession == NULL || real->C_CloseAllSessions == NULL
+        || real->C_Finalize == NULL) {
         *out = real;
         return CKR_OK;
     }
+    if (isolated && (copy = OPENSSL_strdup(target)) == NULL)
+        return CKR_HOST_MEMORY;
     pthread_mutex_lock(&mtls_p11_lock);
-    for (i = 0; i < MTLS_P11_WRAPS && mtls_p11_wraps[i].used; i++)
+    for (i = 0; i < MTLS_P11_WRAPS && (mtls_p11_wraps[i].used || mtls_p11_wraps[i].spare); i++)
         ;
+    if (i == MTLS_P11_WRAPS) { /* else a spare instance of another module gives way */
+        for (i = 0; i < MTLS_P11_WRAPS && mtls_p11_wraps[i].used; i++)
+            ;
+    }
     if (i == MTLS_P11_WRAPS) {
         mtls_p11_unwrapped++;
         pthread_mutex_unlock(&mtls_p11_lock);
+        OPENSSL_free(copy);
         *out = real;
         return CKR_OK;
     }
     w = &mtls_p11_wraps[i];
-    w->used = 1;
-    w->nsessions = 0;
-    w->shared = !mtls_p11_isolated;
+    mtls_p11_take(i);
+    OPENSSL_free(w->target);
+    w->target = copy;
+    w->shared = !isolated;
     w->open_session = real->C_OpenSession;
     w->close_session = real->C_CloseSession;
     w->close_all_sessions = real->C_CloseAllSessions;
+    w->finalize = real->C_Finalize;
     w->list = *real;
     if (w->list.version.major > 2) { /* only the 2.x entries were copied */
         w->list.version.major = 2;
@@ -717,30 +773,29 @@ __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_
     }
     w->list.C_OpenSession = mtls_p11_opens[i];
     w->list.C_CloseSession = mtls_p11_closes[i];
-    if (w->shared) {
+    w->list.C_Finalize = mtls_p11_finalizes[i];
+    if (w->shared)
         w->list.C_CloseAllSessions = mtls_p11_close_alls[i];
-        w->list.C_Finalize = mtls_p11_finalizes[i];
-    }
-    mtls_p11_in_use++;
-    mtls_p11_handed++;
     pthread_mutex_unlock(&mtls_p11_lock);
+handed:
     if (!ENGINE_set_ex_data(e, mtls_engine_idx, (void *)(intptr_t)(i + 2))) {
         mtls_p11_release(i);
         return CKR_HOST_MEMORY;
     }
-    *out = &w->list;
+    *out = &mtls_p11_wraps[i].list;
     return CKR_OK;
 }
 
-/* Wrapper slots: taken now, changed lists handed out so far, and module's
-   own lists handed out because every slot was taken (for tests).  Returns
-   the engine instances alive. */
-static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped)
+/* Wrapper slots: taken now, changed lists handed out so far, module's own
+   lists handed out because every slot was taken, and isolated instances
+   handed out again (for tests).  Returns the engine instances alive. */
+static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped, int *recycled)
 {
     pthread_mutex_lock(&mtls_p11_lock);
     *in_use = mtls_p11_in_use;
     *handed = mtls_p11_handed;
     *unwrapped = mtls_p11_unwrapped;
+    *recycled = mtls_p11_recycled;
     pthread_mutex_unlock(&mtls_p11_lock);
     return __atomic_load_n(&mtls_engines_alive, __ATOMIC_ACQUIRE);
 }
@@ -876,9 +931,9 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, cons
     return NULL;
 }
 
-static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped)
+static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped, int *recycled)
 {
-    *in_use = *handed = *unwrapped = 0;
+    *in_use = *handed = *unwrapped = *recycled = 0;
     return 0;
 }
 

@@ -18,7 +18,7 @@ void *mtls_module_function_list(const char *);
 /* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
 ENGINE *mtls_engine_open(const char *, const char *, const char *, int);
 EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, int, const char *, const char *, int);
-int mtls_p11_slots(int *, int *, int *);
+int mtls_p11_slots(int *, int *, int *, int *);
 void mtls_engine_close(ENGINE *);
 
 /* Who still uses a backend instance: keys counted per instance */

@@ -354,8 +354,8 @@ class _EngineBackend:
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
     ) -> Any:
         uri = key_uri(token, key)
-        slots = ffi.new("int[3]")
-        lib.mtls_p11_slots(slots, slots + 1, slots + 2)
+        slots = ffi.new("int[4]")
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
         unwrapped = slots[2]
         inst = self.engine(module, fresh=fresh)
         lib.ERR_clear_error()
@@ -374,7 +374,7 @@ class _EngineBackend:
         pkey = ffi.gc(pkey, lib.EVP_PKEY_free)
         if not lib.mtls_pkey_track(pkey, inst.users):
             inst.counted = False  # stays loaded for the life of the process
-        lib.mtls_p11_slots(slots, slots + 1, slots + 2)
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
         if slots[2] != unwrapped:
             log.warning(
                 "libp11's engine for %s got the module's own function list: %d engine instances are alive "

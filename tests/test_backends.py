@@ -170,8 +170,8 @@ from mtls_engine._reconnect import card_of
 from tests.servers import echo_server, server_context, talk
 
 def slots():
-    s = ffi.new("int[3]")
-    alive = lib.mtls_p11_slots(s, s + 1, s + 2)
+    s = ffi.new("int[4]")
+    alive = lib.mtls_p11_slots(s, s + 1, s + 2, s + 3)
     return f"slots in use {s[0]} handed out {s[1]} unwrapped {s[2]} engines alive {alive}"
 
 # Called by anyone but an engine that mtls_engine is starting, the

@@ -262,8 +262,8 @@ def _loaded(token: P11KitServer) -> dict[str, Any]:
             if len(fields) == 6 and os.path.basename(fields[5].strip().removesuffix(" (deleted)")) == name:
                 mapped.add(fields[5].strip())
     engines = set(m for m in mapped if "ossl-modules" not in m)  # pkcs11-provider's file has the same name
-    slots = ffi.new("int[3]")
-    alive = lib.mtls_p11_slots(slots, slots + 1, slots + 2)
+    slots = ffi.new("int[4]")
+    alive = lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
     remotes = 0
     if token.proc is not None:
         for pid in os.listdir("/proc"):
@@ -282,6 +282,7 @@ def _loaded(token: P11KitServer) -> dict[str, Any]:
         "slots_in_use": slots[0],
         "slots_handed": slots[1],
         "unwrapped": slots[2],
+        "recycled": slots[3],
         "provider_instances": PROVIDER.instances(),
         "fds": len(os.listdir("/proc/self/fd")),
         "server_connections": remotes,
