@@ -663,9 +663,22 @@ static void mtls_engine_ex_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int
     __atomic_sub_fetch(&mtls_engines_alive, 1, __ATOMIC_ACQ_REL);
 }
 
+static void mtls_p11_lock_all(void)
+{
+    pthread_mutex_lock(&mtls_p11_lock);
+}
+
+static void mtls_p11_unlock_all(void)
+{
+    pthread_mutex_unlock(&mtls_p11_lock);
+}
+
 static void mtls_make_engine_index(void)
 {
     mtls_engine_idx = ENGINE_get_ex_new_index(0, NULL, NULL, NULL, mtls_engine_ex_free);
+    /* A fork while another thread holds the slot lock must not leave the
+       child's copy locked. */
+    pthread_atfork(mtls_p11_lock_all, mtls_p11_unlock_all, mtls_p11_unlock_all);
 }
 
 /* Called by libp11 (dlsym on this extension), on the thread of an engine

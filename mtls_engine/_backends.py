@@ -216,6 +216,7 @@ class _Instance:
         self.library = library
         self.users = users
         self.counted = True  # every key it made is counted (OpenSSL 3)
+        self.loading = 0  # key loads under way (its key is not counted yet)
 
 
 class _EngineBackend:
@@ -317,6 +318,8 @@ class _EngineBackend:
         return _Instance(e, library, users)
 
     def engine(self, module: Module, *, fresh: bool = False) -> _Instance:
+        """The module's current instance (a new one when ``fresh``), held
+        for a key load: :meth:`done` when that key is counted."""
         with self._lock:
             inst = self._engines.get(module.path)
             if inst is None or fresh:
@@ -324,7 +327,12 @@ class _EngineBackend:
                 if inst is not None:
                     self._retired.append(inst)
                 inst = self._engines[module.path] = new
+            inst.loading += 1
             return inst
+
+    def done(self, inst: _Instance) -> None:
+        with self._lock:
+            inst.loading -= 1
 
     def release_unused(self) -> int:
         """Free every retired instance none of whose keys is left; returns
@@ -336,7 +344,7 @@ class _EngineBackend:
     def _release_unused(self) -> None:
         keep = []
         for inst in self._retired:
-            if not inst.counted or lib.mtls_users_count(inst.users) != 0:
+            if not inst.counted or inst.loading or lib.mtls_users_count(inst.users) != 0:
                 keep.append(inst)
                 continue
             lib.mtls_engine_close(inst.e)
@@ -358,6 +366,15 @@ class _EngineBackend:
         lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
         unwrapped = slots[2]
         inst = self.engine(module, fresh=fresh)
+        try:
+            return self._load(inst, module, token, uri, pin, unwrapped)
+        finally:
+            self.done(inst)
+
+    def _load(
+        self, inst: _Instance, module: Module, token: TokenInfo, uri: str, pin: bytes | None, unwrapped: int
+    ) -> Any:
+        slots = ffi.new("int[4]")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
         try:
