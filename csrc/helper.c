@@ -402,17 +402,20 @@ static int mtls_dl_keep(const char *path)
    this extension, whose C_GetFunctionList (below) loads the real module,
    asks it for its function list (as libp11 would have: p11-kit-client.so
    gives every caller its own connection) and hands libp11 a copy in which
-   only C_OpenSession differs: a failure other than CKR_SESSION_COUNT goes
+   C_OpenSession differs: a failure other than CKR_SESSION_COUNT goes
    on OpenSSL's error queue with the module's own code ("PKCS#11
    C_OpenSession::CKR_DEVICE_ERROR") and reaches libp11 as
    CKR_TOKEN_NOT_RECOGNIZED, the one failure libp11 0.4.13 gives up on
    (later versions give up on any; 0.4.12 waits on any, but opens sessions
-   only while its pool is empty, never to replace one).  Every other entry
-   is the module's own: nothing is added per signature.
+   only while its pool is empty, never to replace one).  C_CloseSession,
+   C_Finalize and, on a shared module, C_CloseAllSessions differ too, for
+   the instance's teardown (see mtls_p11_wrap); every other entry is the
+   module's own: nothing is added per signature.
 
-   Which module to load is a thread-local, set around the engine calls that
-   may load it (ENGINE_init, ENGINE_load_private_key): libp11 calls
-   C_GetFunctionList on the calling thread. */
+   Which module to load, and for which engine, are thread-locals set
+   around the engine calls that may load it (ENGINE_init,
+   ENGINE_load_private_key): libp11 calls C_GetFunctionList on the
+   calling thread. */
 
 #define MTLS_P11_WRAPS 64    /* engine instances alive at once (retired ones are freed) */
 #define MTLS_P11_SESSIONS 64 /* sessions followed per instance of a shared module */
