@@ -454,6 +454,7 @@ struct mtls_p11_wrap {
     struct {
         CK_SLOT_ID slot;
         CK_SESSION_HANDLE handle;
+        pid_t pid; /* a forked child re-initialises the module: its parent's handles are not its own */
     } sessions[MTLS_P11_SESSIONS];
 };
 static struct mtls_p11_wrap mtls_p11_wraps[MTLS_P11_WRAPS];
@@ -510,15 +511,19 @@ static void mtls_p11_raise(CK_RV rv)
 }
 
 /* Forget the sessions of slot `w` on `slot` (all of them when `all`),
-   copying their handles to `out`; returns how many.  Lock held. */
+   copying the handles this process opened to `out`; returns how many.
+   Lock held. */
 static int mtls_p11_take_sessions(struct mtls_p11_wrap *w, CK_SLOT_ID slot, int all, CK_SESSION_HANDLE *out)
 {
     int i, kept = 0, taken = 0;
+    pid_t pid = getpid();
     for (i = 0; i < w->nsessions; i++) {
-        if (all || w->sessions[i].slot == slot)
-            out[taken++] = w->sessions[i].handle;
-        else
+        if (all || w->sessions[i].slot == slot) {
+            if (w->sessions[i].pid == pid)
+                out[taken++] = w->sessions[i].handle;
+        } else {
             w->sessions[kept++] = w->sessions[i];
+        }
     }
     w->nsessions = kept;
     return taken;
@@ -546,6 +551,7 @@ static CK_RV mtls_p11_open_session(int i, CK_SLOT_ID slot, CK_FLAGS flags, CK_VO
             if (w->nsessions < MTLS_P11_SESSIONS) { /* beyond: left open at teardown, never someone else's */
                 w->sessions[w->nsessions].slot = slot;
                 w->sessions[w->nsessions].handle = *session;
+                w->sessions[w->nsessions].pid = getpid();
                 w->nsessions++;
             }
             pthread_mutex_unlock(&mtls_p11_lock);
