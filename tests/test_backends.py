@@ -226,6 +226,57 @@ def test_the_engine_reaches_its_module_through_mtls_engine(pki: Pki) -> None:
     ]
 
 
+ENGINE_RETIRED_KEY_IN_USE = """
+import gc, os, mtls_engine
+from mtls_engine._lib import ffi, lib
+from mtls_engine._reconnect import _sign_test, card_of
+from tests.servers import echo_server, server_context, talk
+
+def alive():
+    s = ffi.new("int[4]")
+    return lib.mtls_p11_slots(s, s + 1, s + 2, s + 3)
+
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+ctx = mtls_engine.client_context(os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                 pin=os.environ["T_PIN"], backend="engine")
+card = card_of(ctx)
+mtls_engine.reconnect(ctx)
+held = card._current_key()  # a reference to the second instance's key, as a connection in flight holds one
+for _ in range(3):
+    mtls_engine.reconnect(ctx)
+print("alive while the key is held", alive(), "it signs", _sign_test(held))
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+del held
+gc.collect()
+mtls_engine.reconnect(ctx)
+print("alive once it is gone", alive())
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+"""
+
+
+def test_a_retired_engine_instance_lives_as_long_as_its_key(pki: Pki) -> None:
+    """A reconnection retires the engine instance it replaces; one whose
+    key is still held (here: a reference like a connection's) stays alive
+    and signs, while the instances between it and the current one are
+    freed; once the key is gone, the next reconnection frees it too."""
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    proc = run_python(
+        ENGINE_RETIRED_KEY_IN_USE,
+        env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
+             "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        # the first (the context's key), the second (held), the current
+        "alive while the key is held 3 it signs True",
+        "commonName=card-holder ec256",
+        "alive once it is gone 2",
+        "commonName=card-holder ec256",
+    ]
+
+
 NO_ENGINE_CHECK = """
 import ssl, mtls_engine
 from mtls_engine._backends import choose, engine_status
