@@ -4,6 +4,7 @@
 #endif
 #include <dlfcn.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdint.h>
 #include <string.h>
@@ -370,6 +371,99 @@ static int mtls_guard_pin_prompts(void)
     return 1;
 }
 
+/* ---- who still uses a backend instance ------------------------------
+
+   Every reconnection loads the key through a new engine or provider
+   instance; the old one may be freed only once no key it made is left
+   (connections in flight hold their own reference to the key, and libp11's
+   keys point into their engine's state without holding the ENGINE).  So
+   each key is tagged (EVP_PKEY ex_data) with its instance's counter of
+   live keys: +1 when tagged or duplicated, -1 when freed, whichever thread
+   drops the last reference.  mtls_engine frees a retired instance whose
+   counter is 0, at a point of its own choosing (never from a free
+   callback: that may run anywhere, at exit too).  EVP_PKEY has ex_data
+   from OpenSSL 3.0 on; before that keys are not counted and retired
+   instances stay loaded. */
+
+struct mtls_users {
+    int count;
+};
+
+static struct mtls_users *mtls_users_new(void)
+{
+    return OPENSSL_zalloc(sizeof(struct mtls_users));
+}
+
+static int mtls_users_count(struct mtls_users *u)
+{
+    return __atomic_load_n(&u->count, __ATOMIC_ACQUIRE);
+}
+
+/* Only with a count of 0 and no way left to tag a key with it. */
+static void mtls_users_free(struct mtls_users *u)
+{
+    OPENSSL_free(u);
+}
+
+#if OPENSSL_VERSION_MAJOR >= 3
+static CRYPTO_ONCE mtls_pkey_once = CRYPTO_ONCE_STATIC_INIT;
+static int mtls_pkey_idx = -1;
+
+static void mtls_pkey_users_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    if (ptr != NULL)
+        __atomic_sub_fetch(&((struct mtls_users *)ptr)->count, 1, __ATOMIC_ACQ_REL);
+}
+
+static int mtls_pkey_users_dup(CRYPTO_EX_DATA *to, const CRYPTO_EX_DATA *from, void **from_d, int idx, long argl,
+                               void *argp)
+{
+    (void)to, (void)from, (void)idx, (void)argl, (void)argp;
+    if (from_d != NULL && *from_d != NULL) /* the copy is a key of the same instance */
+        __atomic_add_fetch(&((struct mtls_users *)*from_d)->count, 1, __ATOMIC_ACQ_REL);
+    return 1;
+}
+
+static void mtls_make_pkey_index(void)
+{
+    mtls_pkey_idx = EVP_PKEY_get_ex_new_index(0, NULL, NULL, mtls_pkey_users_dup, mtls_pkey_users_free);
+}
+
+/* Count `pkey` as a user of `u` until it is freed.  1 when counted (or
+   already counted for `u`), 0 when keys cannot be counted here. */
+static int mtls_pkey_track(EVP_PKEY *pkey, struct mtls_users *u)
+{
+    void *had;
+    if (!CRYPTO_THREAD_run_once(&mtls_pkey_once, mtls_make_pkey_index) || mtls_pkey_idx < 0)
+        return 0;
+    had = EVP_PKEY_get_ex_data(pkey, mtls_pkey_idx);
+    if (had == u)
+        return 1;
+    if (had != NULL)
+        return 0; /* another instance's key: never moved */
+    __atomic_add_fetch(&u->count, 1, __ATOMIC_ACQ_REL);
+    if (!EVP_PKEY_set_ex_data(pkey, mtls_pkey_idx, u)) {
+        __atomic_sub_fetch(&u->count, 1, __ATOMIC_ACQ_REL);
+        return 0;
+    }
+    return 1;
+}
+#else
+static int mtls_pkey_track(EVP_PKEY *pkey, struct mtls_users *u)
+{
+    (void)pkey, (void)u;
+    return 0;
+}
+#endif
+
+/* Keep the shared object `path` loaded for the life of the process (an
+   engine library: see _EngineBackend).  1 on success. */
+static int mtls_dl_keep(const char *path)
+{
+    return dlopen(path, RTLD_NOW | RTLD_LOCAL) != NULL;
+}
+
 /* ---- engine backend ------------------------------------------------- */
 
 #ifdef MTLS_WITH_ENGINE
@@ -393,27 +487,75 @@ static int mtls_guard_pin_prompts(void)
    this extension, whose C_GetFunctionList (below) loads the real module,
    asks it for its function list (as libp11 would have: p11-kit-client.so
    gives every caller its own connection) and hands libp11 a copy in which
-   only C_OpenSession differs: a failure other than CKR_SESSION_COUNT goes
+   C_OpenSession differs: a failure other than CKR_SESSION_COUNT goes
    on OpenSSL's error queue with the module's own code ("PKCS#11
    C_OpenSession::CKR_DEVICE_ERROR") and reaches libp11 as
    CKR_TOKEN_NOT_RECOGNIZED, the one failure libp11 0.4.13 gives up on
    (later versions give up on any; 0.4.12 waits on any, but opens sessions
-   only while its pool is empty, never to replace one).  Every other entry
-   is the module's own: nothing is added per signature.
+   only while its pool is empty, never to replace one).  C_CloseSession,
+   C_Finalize and, on a shared module, C_CloseAllSessions differ too, for
+   the instance's teardown (see mtls_p11_wrap); every other entry is the
+   module's own: nothing is added per signature.
 
-   Which module to load is a thread-local, set around the engine calls that
-   may load it (ENGINE_init, ENGINE_load_private_key): libp11 calls
-   C_GetFunctionList on the calling thread. */
+   Which module to load, and for which engine, are thread-locals set
+   around the engine calls that may load it (ENGINE_init,
+   ENGINE_load_private_key): libp11 calls C_GetFunctionList on the
+   calling thread. */
 
-#define MTLS_P11_WRAPS 64 /* engine instances per process (one per module, one more per reconnection) */
+#define MTLS_P11_WRAPS 64    /* engine instances alive at once (retired ones are freed) */
+#define MTLS_P11_SESSIONS 64 /* sessions followed per instance of a shared module */
 
+/* A wrapper slot: one per live engine instance, taken when its libp11
+   asks for the function list, given back when the ENGINE is freed (after
+   libp11 has finalised; see mtls_engine_ex_free), then reused.
+
+   A module whose C_GetFunctionList hands every caller the same list
+   (SoftHSM2, OpenSC: "shared") has one state per process, which
+   mtls_engine's own connection and every other engine instance use too.
+   A retired instance that libp11 finishes calls C_CloseAllSessions (in
+   pkcs11_slot_unref) and C_Finalize (in PKCS11_CTX_unload): on a shared
+   module that would close everyone's sessions, log the token out and
+   finalise the module under the current instance.  So on a shared module
+   the slot follows the sessions its instance opened and closes only
+   those; C_Finalize closes them too and goes no further.  A module that
+   gives each caller its own instance ("isolated": p11-kit-client.so, one
+   connection each) gets both calls as they are: they end only that
+   instance's connection.  Such an instance, once finalised, is kept with
+   its slot and serves the next engine instance for the same module (which
+   initialises it again): p11-kit-client.so frees a caller's state only
+   when it is unloaded, so a new one per reconnection would add up. */
 struct mtls_p11_wrap {
     CK_FUNCTION_LIST list; /* what libp11 calls */
     CK_RV (*open_session)(CK_SLOT_ID, CK_FLAGS, CK_VOID_PTR, CK_NOTIFY, CK_SESSION_HANDLE_PTR);
+    CK_RV (*close_session)(CK_SESSION_HANDLE);
+    CK_RV (*close_all_sessions)(CK_SLOT_ID);
+    CK_RV (*finalize)(CK_VOID_PTR);
+    int used;
+    int shared;
+    int finalized; /* an isolated instance its engine finalised */
+    int spare;     /* not used, and finalised: serves the next instance for `target` */
+    char *target;  /* module path of an isolated instance */
+    int nsessions;
+    struct {
+        CK_SLOT_ID slot;
+        CK_SESSION_HANDLE handle;
+        pid_t pid; /* a forked child re-initialises the module: its parent's handles are not its own */
+    } sessions[MTLS_P11_SESSIONS];
 };
 static struct mtls_p11_wrap mtls_p11_wraps[MTLS_P11_WRAPS];
-static int mtls_p11_wrap_count = 0;
+static pthread_mutex_t mtls_p11_lock = PTHREAD_MUTEX_INITIALIZER; /* slots and their session lists */
+static int mtls_p11_in_use = 0;    /* slots taken now */
+static int mtls_p11_handed = 0;    /* changed lists handed out so far */
+static int mtls_p11_unwrapped = 0; /* engine instances that got the module's own list (all slots taken) */
+static int mtls_p11_recycled = 0;  /* engine instances that got a finalised isolated instance again */
+static int mtls_engines_alive = 0; /* engine instances mtls_engine opened and OpenSSL has not freed */
 static __thread const char *mtls_p11_target = NULL;
+static __thread ENGINE *mtls_p11_engine = NULL;
+static __thread int mtls_p11_isolated = 0;
+
+/* ENGINE ex_data: 0 not ours; 1 ours, no slot; k + 2 ours, slot k. */
+static CRYPTO_ONCE mtls_engine_once = CRYPTO_ONCE_STATIC_INIT;
+static int mtls_engine_idx = -1;
 
 /* OpenSSL error library "PKCS#11 C_OpenSession", its reasons the CKR_
    names (the reason code is the CK_RV). */
@@ -453,52 +595,245 @@ static void mtls_p11_raise(CK_RV rv)
 #endif
 }
 
+/* Forget the sessions of slot `w` on `slot` (all of them when `all`),
+   copying the handles this process opened to `out`; returns how many.
+   Lock held. */
+static int mtls_p11_take_sessions(struct mtls_p11_wrap *w, CK_SLOT_ID slot, int all, CK_SESSION_HANDLE *out)
+{
+    int i, kept = 0, taken = 0;
+    pid_t pid = getpid();
+    for (i = 0; i < w->nsessions; i++) {
+        if (all || w->sessions[i].slot == slot) {
+            if (w->sessions[i].pid == pid)
+                out[taken++] = w->sessions[i].handle;
+        } else {
+            w->sessions[kept++] = w->sessions[i];
+        }
+    }
+    w->nsessions = kept;
+    return taken;
+}
+
+static void mtls_p11_close_taken(struct mtls_p11_wrap *w, CK_SLOT_ID slot, int all)
+{
+    CK_SESSION_HANDLE handles[MTLS_P11_SESSIONS];
+    int i, n;
+    pthread_mutex_lock(&mtls_p11_lock);
+    n = mtls_p11_take_sessions(w, slot, all, handles);
+    pthread_mutex_unlock(&mtls_p11_lock);
+    for (i = 0; i < n; i++) /* outside the lock: these are calls into the module */
+        w->close_session(handles[i]);
+}
+
 static CK_RV mtls_p11_open_session(int i, CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
                                    CK_SESSION_HANDLE_PTR session)
 {
-    CK_RV rv = mtls_p11_wraps[i].open_session(slot, flags, app, notify, session);
-    if (rv == CKR_OK || rv == CKR_SESSION_COUNT)
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    CK_RV rv = w->open_session(slot, flags, app, notify, session);
+    if (rv == CKR_OK) {
+        if (w->shared) {
+            pthread_mutex_lock(&mtls_p11_lock);
+            if (w->nsessions < MTLS_P11_SESSIONS) { /* beyond: left open at teardown, never someone else's */
+                w->sessions[w->nsessions].slot = slot;
+                w->sessions[w->nsessions].handle = *session;
+                w->sessions[w->nsessions].pid = getpid();
+                w->nsessions++;
+            }
+            pthread_mutex_unlock(&mtls_p11_lock);
+        }
+        return rv;
+    }
+    if (rv == CKR_SESSION_COUNT)
         return rv;
     mtls_p11_raise(rv);
     return CKR_TOKEN_NOT_RECOGNIZED;
 }
 
-#define MTLS_P11_OPEN(r, c)                                                                                     \
+static CK_RV mtls_p11_close_session(int i, CK_SESSION_HANDLE session)
+{
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    int k;
+    if (w->shared) {
+        pthread_mutex_lock(&mtls_p11_lock);
+        for (k = 0; k < w->nsessions; k++) {
+            if (w->sessions[k].handle == session) {
+                w->sessions[k] = w->sessions[--w->nsessions];
+                break;
+            }
+        }
+        pthread_mutex_unlock(&mtls_p11_lock);
+    }
+    return w->close_session(session);
+}
+
+/* Shared module only (an isolated one gets the module's own entry). */
+static CK_RV mtls_p11_close_all_sessions(int i, CK_SLOT_ID slot)
+{
+    mtls_p11_close_taken(&mtls_p11_wraps[i], slot, 0);
+    return CKR_OK;
+}
+
+/* A shared module stays initialised for its other users; an isolated
+   instance is finalised (and then kept for reuse, see mtls_p11_release). */
+static CK_RV mtls_p11_finalize(int i, CK_VOID_PTR reserved)
+{
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    CK_RV rv;
+    if (w->shared) {
+        mtls_p11_close_taken(w, 0, 1);
+        return CKR_OK;
+    }
+    rv = w->finalize(reserved);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&mtls_p11_lock);
+        w->finalized = 1;
+        pthread_mutex_unlock(&mtls_p11_lock);
+    }
+    return rv;
+}
+
+#define MTLS_P11_FNS(r, c)                                                                                      \
     static CK_RV mtls_p11_open_##r##_##c(CK_SLOT_ID s, CK_FLAGS f, CK_VOID_PTR a, CK_NOTIFY n,                  \
                                          CK_SESSION_HANDLE_PTR h)                                              \
     {                                                                                                           \
         return mtls_p11_open_session((r) * 8 + (c), s, f, a, n, h);                                             \
+    }                                                                                                           \
+    static CK_RV mtls_p11_close_##r##_##c(CK_SESSION_HANDLE h)                                                 \
+    {                                                                                                           \
+        return mtls_p11_close_session((r) * 8 + (c), h);                                                        \
+    }                                                                                                           \
+    static CK_RV mtls_p11_close_all_##r##_##c(CK_SLOT_ID s)                                                    \
+    {                                                                                                           \
+        return mtls_p11_close_all_sessions((r) * 8 + (c), s);                                                   \
+    }                                                                                                           \
+    static CK_RV mtls_p11_finalize_##r##_##c(CK_VOID_PTR p)                                                    \
+    {                                                                                                           \
+        return mtls_p11_finalize((r) * 8 + (c), p);                                                             \
     }
-#define MTLS_P11_OPEN8(r)                                                                                       \
-    MTLS_P11_OPEN(r, 0) MTLS_P11_OPEN(r, 1) MTLS_P11_OPEN(r, 2) MTLS_P11_OPEN(r, 3)                             \
-    MTLS_P11_OPEN(r, 4) MTLS_P11_OPEN(r, 5) MTLS_P11_OPEN(r, 6) MTLS_P11_OPEN(r, 7)
-MTLS_P11_OPEN8(0) MTLS_P11_OPEN8(1) MTLS_P11_OPEN8(2) MTLS_P11_OPEN8(3)
-MTLS_P11_OPEN8(4) MTLS_P11_OPEN8(5) MTLS_P11_OPEN8(6) MTLS_P11_OPEN8(7)
-#define MTLS_P11_ROW(r)                                                                                         \
-    mtls_p11_open_##r##_0, mtls_p11_open_##r##_1, mtls_p11_open_##r##_2, mtls_p11_open_##r##_3,               \
-    mtls_p11_open_##r##_4, mtls_p11_open_##r##_5, mtls_p11_open_##r##_6, mtls_p11_open_##r##_7
-/* wrapper i is mtls_p11_opens[i] */
+#define MTLS_P11_FNS8(r)                                                                                        \
+    MTLS_P11_FNS(r, 0) MTLS_P11_FNS(r, 1) MTLS_P11_FNS(r, 2) MTLS_P11_FNS(r, 3)                                 \
+    MTLS_P11_FNS(r, 4) MTLS_P11_FNS(r, 5) MTLS_P11_FNS(r, 6) MTLS_P11_FNS(r, 7)
+MTLS_P11_FNS8(0) MTLS_P11_FNS8(1) MTLS_P11_FNS8(2) MTLS_P11_FNS8(3)
+MTLS_P11_FNS8(4) MTLS_P11_FNS8(5) MTLS_P11_FNS8(6) MTLS_P11_FNS8(7)
+#define MTLS_P11_ROW(f, r)                                                                                      \
+    mtls_p11_##f##_##r##_0, mtls_p11_##f##_##r##_1, mtls_p11_##f##_##r##_2, mtls_p11_##f##_##r##_3,             \
+    mtls_p11_##f##_##r##_4, mtls_p11_##f##_##r##_5, mtls_p11_##f##_##r##_6, mtls_p11_##f##_##r##_7
+#define MTLS_P11_TABLE(f)                                                                                       \
+    {MTLS_P11_ROW(f, 0), MTLS_P11_ROW(f, 1), MTLS_P11_ROW(f, 2), MTLS_P11_ROW(f, 3),                            \
+     MTLS_P11_ROW(f, 4), MTLS_P11_ROW(f, 5), MTLS_P11_ROW(f, 6), MTLS_P11_ROW(f, 7)}
+/* slot i's entries are mtls_p11_opens[i], ... */
 static CK_RV (*const mtls_p11_opens[MTLS_P11_WRAPS])(CK_SLOT_ID, CK_FLAGS, CK_VOID_PTR, CK_NOTIFY,
-                                                      CK_SESSION_HANDLE_PTR) = {
-    MTLS_P11_ROW(0), MTLS_P11_ROW(1), MTLS_P11_ROW(2), MTLS_P11_ROW(3),
-    MTLS_P11_ROW(4), MTLS_P11_ROW(5), MTLS_P11_ROW(6), MTLS_P11_ROW(7),
-};
+                                                      CK_SESSION_HANDLE_PTR) = MTLS_P11_TABLE(open);
+static CK_RV (*const mtls_p11_closes[MTLS_P11_WRAPS])(CK_SESSION_HANDLE) = MTLS_P11_TABLE(close);
+static CK_RV (*const mtls_p11_close_alls[MTLS_P11_WRAPS])(CK_SLOT_ID) = MTLS_P11_TABLE(close_all);
+static CK_RV (*const mtls_p11_finalizes[MTLS_P11_WRAPS])(CK_VOID_PTR) = MTLS_P11_TABLE(finalize);
+
+/* Give slot i back (its engine is gone): nothing calls its entries now. */
+static void mtls_p11_release(int i)
+{
+    if (i < 0 || i >= MTLS_P11_WRAPS)
+        return;
+    pthread_mutex_lock(&mtls_p11_lock);
+    if (mtls_p11_wraps[i].used) {
+        struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+        w->used = 0;
+        w->nsessions = 0;
+        w->spare = !w->shared && w->finalized && w->target != NULL;
+        mtls_p11_in_use--;
+    }
+    pthread_mutex_unlock(&mtls_p11_lock);
+}
+
+/* Called for every ENGINE that OpenSSL frees, after its destroy function
+   (libp11 finished with its module before that). */
+static void mtls_engine_ex_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    intptr_t mark = (intptr_t)ptr;
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    if (mark == 0)
+        return;
+    if (mark >= 2)
+        mtls_p11_release((int)(mark - 2));
+    __atomic_sub_fetch(&mtls_engines_alive, 1, __ATOMIC_ACQ_REL);
+}
+
+static void mtls_p11_lock_all(void)
+{
+    pthread_mutex_lock(&mtls_p11_lock);
+}
+
+static void mtls_p11_unlock_all(void)
+{
+    pthread_mutex_unlock(&mtls_p11_lock);
+}
+
+static void mtls_make_engine_index(void)
+{
+    mtls_engine_idx = ENGINE_get_ex_new_index(0, NULL, NULL, NULL, mtls_engine_ex_free);
+    /* A fork while another thread holds the slot lock must not leave the
+       child's copy locked. */
+    pthread_atfork(mtls_p11_lock_all, mtls_p11_unlock_all, mtls_p11_unlock_all);
+}
 
 /* Called by libp11 (dlsym on this extension), on the thread of an engine
-   call that set mtls_p11_target.  Past MTLS_P11_WRAPS instances the
-   module's own list is handed out unchanged. */
+   call that set mtls_p11_target and mtls_p11_engine.  With every slot
+   taken (64 engine instances alive) the module's own list is handed out,
+   and counted (mtls_p11_slots): libp11 0.4.13 would then wait for ever
+   on a lost token. */
+/* Slot i for an engine instance (lock held). */
+static void mtls_p11_take(int i)
+{
+    struct mtls_p11_wrap *w = &mtls_p11_wraps[i];
+    w->used = 1;
+    w->spare = 0;
+    w->finalized = 0;
+    w->nsessions = 0;
+    mtls_p11_in_use++;
+    mtls_p11_handed++;
+}
+
 __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
 {
     const char *target = mtls_p11_target;
+    ENGINE *e = mtls_p11_engine;
+    int isolated = mtls_p11_isolated;
     void *handle;
     CK_RV (*get)(CK_FUNCTION_LIST_PTR_PTR);
     CK_FUNCTION_LIST_PTR real = NULL;
+    struct mtls_p11_wrap *w;
+    intptr_t mark;
+    char *copy = NULL;
     CK_RV rv;
     int i;
     if (out == NULL)
         return CKR_ARGUMENTS_BAD;
-    if (target == NULL)
+    if (target == NULL || e == NULL || mtls_engine_idx < 0)
         return CKR_GENERAL_ERROR; /* not called for an engine mtls_engine opened */
+    if (__atomic_load_n(&mtls_p11_err_lib, __ATOMIC_ACQUIRE) == 0) {
+        int lib = ERR_get_next_error_library();
+        mtls_p11_err_lib_name[0].error = ERR_PACK(lib, 0, 0);
+        ERR_load_strings(lib, mtls_p11_err_lib_name);
+        ERR_load_strings(lib, mtls_p11_err_strings);
+        __atomic_store_n(&mtls_p11_err_lib, lib, __ATOMIC_RELEASE);
+    }
+    /* A second call for the same engine: libp11 unloaded the list it got
+       first (its module failed to initialise). */
+    mark = (intptr_t)ENGINE_get_ex_data(e, mtls_engine_idx);
+    if (mark >= 2) {
+        mtls_p11_release((int)(mark - 2));
+        ENGINE_set_ex_data(e, mtls_engine_idx, (void *)(intptr_t)1);
+    }
+    pthread_mutex_lock(&mtls_p11_lock);
+    for (i = 0; isolated && i < MTLS_P11_WRAPS; i++) {
+        w = &mtls_p11_wraps[i];
+        if (!w->used && w->spare && strcmp(w->target, target) == 0) {
+            mtls_p11_take(i);
+            mtls_p11_recycled++;
+            pthread_mutex_unlock(&mtls_p11_lock);
+            goto handed;
+        }
+    }
+    pthread_mutex_unlock(&mtls_p11_lock);
     handle = dlopen(target, RTLD_NOW | RTLD_LOCAL); /* kept open: libp11 holds its functions */
     if (handle == NULL)
         return CKR_GENERAL_ERROR;
@@ -508,48 +843,93 @@ __attribute__((visibility("default"))) CK_RV C_GetFunctionList(CK_FUNCTION_LIST_
     rv = get(&real);
     if (rv != CKR_OK || real == NULL)
         return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
-    if (__atomic_load_n(&mtls_p11_err_lib, __ATOMIC_ACQUIRE) == 0) {
-        int lib = ERR_get_next_error_library();
-        mtls_p11_err_lib_name[0].error = ERR_PACK(lib, 0, 0);
-        ERR_load_strings(lib, mtls_p11_err_lib_name);
-        ERR_load_strings(lib, mtls_p11_err_strings);
-        __atomic_store_n(&mtls_p11_err_lib, lib, __ATOMIC_RELEASE);
-    }
-    i = __atomic_fetch_add(&mtls_p11_wrap_count, 1, __ATOMIC_ACQ_REL);
-    if (i >= MTLS_P11_WRAPS || real->C_OpenSession == NULL) {
+    if (real->C_OpenSession == NULL || real->C_CloseSession == NULL || real->C_CloseAllSessions == NULL
+        || real->C_Finalize == NULL) {
         *out = real;
         return CKR_OK;
     }
-    mtls_p11_wraps[i].list = *real;
-    if (mtls_p11_wraps[i].list.version.major > 2) { /* only the 2.x entries were copied */
-        mtls_p11_wraps[i].list.version.major = 2;
-        mtls_p11_wraps[i].list.version.minor = 40;
+    if (isolated && (copy = OPENSSL_strdup(target)) == NULL)
+        return CKR_HOST_MEMORY;
+    pthread_mutex_lock(&mtls_p11_lock);
+    for (i = 0; i < MTLS_P11_WRAPS && (mtls_p11_wraps[i].used || mtls_p11_wraps[i].spare); i++)
+        ;
+    if (i == MTLS_P11_WRAPS) { /* else a spare instance of another module gives way */
+        for (i = 0; i < MTLS_P11_WRAPS && mtls_p11_wraps[i].used; i++)
+            ;
     }
-    mtls_p11_wraps[i].open_session = real->C_OpenSession;
-    mtls_p11_wraps[i].list.C_OpenSession = mtls_p11_opens[i];
+    if (i == MTLS_P11_WRAPS) {
+        mtls_p11_unwrapped++;
+        pthread_mutex_unlock(&mtls_p11_lock);
+        OPENSSL_free(copy);
+        *out = real;
+        return CKR_OK;
+    }
+    w = &mtls_p11_wraps[i];
+    mtls_p11_take(i);
+    OPENSSL_free(w->target);
+    w->target = copy;
+    w->shared = !isolated;
+    w->open_session = real->C_OpenSession;
+    w->close_session = real->C_CloseSession;
+    w->close_all_sessions = real->C_CloseAllSessions;
+    w->finalize = real->C_Finalize;
+    w->list = *real;
+    if (w->list.version.major > 2) { /* only the 2.x entries were copied */
+        w->list.version.major = 2;
+        w->list.version.minor = 40;
+    }
+    w->list.C_OpenSession = mtls_p11_opens[i];
+    w->list.C_CloseSession = mtls_p11_closes[i];
+    w->list.C_Finalize = mtls_p11_finalizes[i];
+    if (w->shared)
+        w->list.C_CloseAllSessions = mtls_p11_close_alls[i];
+    pthread_mutex_unlock(&mtls_p11_lock);
+handed:
+    if (!ENGINE_set_ex_data(e, mtls_engine_idx, (void *)(intptr_t)(i + 2))) {
+        mtls_p11_release(i);
+        return CKR_HOST_MEMORY;
+    }
     *out = &mtls_p11_wraps[i].list;
     return CKR_OK;
 }
 
-/* How many engine instances got the changed function list (for tests). */
-static int mtls_p11_wrapped(void)
+/* Wrapper slots: taken now, changed lists handed out so far, module's own
+   lists handed out because every slot was taken, and isolated instances
+   handed out again (for tests).  Returns the engine instances alive. */
+static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped, int *recycled)
 {
-    int n = __atomic_load_n(&mtls_p11_wrap_count, __ATOMIC_ACQUIRE);
-    return n < MTLS_P11_WRAPS ? n : MTLS_P11_WRAPS;
+    pthread_mutex_lock(&mtls_p11_lock);
+    *in_use = mtls_p11_in_use;
+    *handed = mtls_p11_handed;
+    *unwrapped = mtls_p11_unwrapped;
+    *recycled = mtls_p11_recycled;
+    pthread_mutex_unlock(&mtls_p11_lock);
+    return __atomic_load_n(&mtls_engines_alive, __ATOMIC_ACQUIRE);
 }
 
 /* Load libp11's engine from `so_path` as a private instance (not added to
    OpenSSL's global engine list, so it cannot clash with an engine that an
    openssl.cnf loaded) and point it at the PKCS#11 module `module_path`,
-   through `self_path` (this extension, see above).  Returns a functional
-   reference, or NULL with the reason on the error queue. */
-static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path)
+   through `self_path` (this extension, see above); `isolated`: the module
+   gives each caller an instance of its own (see mtls_p11_wrap).  Returns a
+   functional reference, or NULL with the reason on the error queue. */
+static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path, int isolated)
 {
     int ok;
-    ENGINE *e = ENGINE_by_id("dynamic");
+    ENGINE *e;
+    if (!CRYPTO_THREAD_run_once(&mtls_engine_once, mtls_make_engine_index) || mtls_engine_idx < 0)
+        return NULL;
+    e = ENGINE_by_id("dynamic");
     if (e == NULL)
         return NULL;
+    if (!ENGINE_set_ex_data(e, mtls_engine_idx, (void *)(intptr_t)1)) {
+        ENGINE_free(e);
+        return NULL;
+    }
+    __atomic_add_fetch(&mtls_engines_alive, 1, __ATOMIC_ACQ_REL);
     mtls_p11_target = module_path;
+    mtls_p11_engine = e;
+    mtls_p11_isolated = isolated;
     ok = ENGINE_ctrl_cmd_string(e, "SO_PATH", so_path, 0)
         && ENGINE_ctrl_cmd_string(e, "ID", "pkcs11", 0)
         && ENGINE_ctrl_cmd_string(e, "LIST_ADD", "0", 0)
@@ -557,6 +937,7 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, cons
         && ENGINE_ctrl_cmd_string(e, "MODULE_PATH", self_path, 0)
         && ENGINE_init(e);
     mtls_p11_target = NULL;
+    mtls_p11_engine = NULL;
     if (!ok) {
         ENGINE_free(e);
         return NULL;
@@ -565,21 +946,72 @@ static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, cons
     return e;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, const char *uri, const char *pin,
-                                              int pin_len)
+/* libp11 keeps a reference to every EVP_PKEY it hands out (its key
+   object's cache, dropped only when the engine finishes), and that key
+   holds a functional reference to the engine (EVP_PKEY_set1_engine, for
+   libp11's EVP_PKEY_METHODs): the engine could never finish, and the key's
+   last reference would never come.  So mtls_engine hands out a key of its
+   own around the same RSA / EC_KEY, with the same engine for its methods
+   (exactly what ENGINE_load_private_key built), and takes the engine off
+   libp11's cached key.  When the last reference to the key handed out
+   goes, nobody uses the engine but mtls_engine.  Another key type is
+   handed out as libp11 made it (and its engine is never freed). */
+static EVP_PKEY *mtls_engine_own_key(ENGINE *e, EVP_PKEY *made)
+{
+    EVP_PKEY *own;
+    int ok = 0;
+    if (made == NULL)
+        return NULL;
+    own = EVP_PKEY_new();
+    if (own == NULL)
+        return made;
+    switch (EVP_PKEY_base_id(made)) {
+    case EVP_PKEY_RSA:
+        ok = EVP_PKEY_set1_RSA(own, (RSA *)EVP_PKEY_get0_RSA(made));
+        break;
+    case EVP_PKEY_EC:
+        ok = EVP_PKEY_set1_EC_KEY(own, (EC_KEY *)EVP_PKEY_get0_EC_KEY(made));
+        break;
+    default:
+        break;
+    }
+    if (!ok || !EVP_PKEY_set1_engine(own, e)) {
+        EVP_PKEY_free(own);
+        ERR_clear_error();
+        return made;
+    }
+    EVP_PKEY_set1_engine(made, NULL);
+    EVP_PKEY_free(made); /* libp11's cache keeps its own reference */
+    return own;
+}
+
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, int isolated, const char *uri,
+                                              const char *pin, int pin_len)
 {
     struct mtls_pin_offer offer = {pin, pin_len, 0};
     EVP_PKEY *pkey;
     mtls_p11_target = module_path; /* libp11 loads its module at its first key */
+    mtls_p11_engine = e;
+    mtls_p11_isolated = isolated;
     pkey = ENGINE_load_private_key(e, uri, mtls_pin_ui(), &offer);
     mtls_p11_target = NULL;
-    return pkey;
+    mtls_p11_engine = NULL;
+    return mtls_engine_own_key(e, pkey);
 }
 
+/* Free an engine instance mtls_engine opened, once no key it made is left
+   (mtls_users): libp11 closes its sessions and finalises its module (see
+   mtls_p11_wrap), OpenSSL frees the ENGINE, and its wrapper slot is free
+   again.  Its engine library stays loaded for the next instance: libp11
+   keeps its EVP_PKEY_METHODs in statics of the library, which OpenSSL
+   would free with the ENGINE (and free again with the library's next
+   ENGINE), so they are detached from this one first. */
 static void mtls_engine_close(ENGINE *e)
 {
-    if (e != NULL)
-        ENGINE_finish(e);
+    if (e == NULL)
+        return;
+    ENGINE_set_pkey_meths(e, NULL);
+    ENGINE_finish(e);
 }
 
 /* 1 when an engine with this id is already in OpenSSL's engine list (put
@@ -600,27 +1032,22 @@ static int mtls_engine_listed(const char *id)
 
 #else
 
-static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path)
+static ENGINE *mtls_engine_open(const char *so_path, const char *self_path, const char *module_path, int isolated)
 {
-    (void)so_path;
-    (void)self_path;
-    (void)module_path;
+    (void)so_path, (void)self_path, (void)module_path, (void)isolated;
     return NULL;
 }
 
-static int mtls_p11_wrapped(void)
+static int mtls_p11_slots(int *in_use, int *handed, int *unwrapped, int *recycled)
 {
+    *in_use = *handed = *unwrapped = *recycled = 0;
     return 0;
 }
 
-static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, const char *uri, const char *pin,
-                                              int pin_len)
+static EVP_PKEY *mtls_engine_load_private_key(ENGINE *e, const char *module_path, int isolated, const char *uri,
+                                              const char *pin, int pin_len)
 {
-    (void)e;
-    (void)module_path;
-    (void)uri;
-    (void)pin;
-    (void)pin_len;
+    (void)e, (void)module_path, (void)isolated, (void)uri, (void)pin, (void)pin_len;
     return NULL;
 }
 
@@ -728,6 +1155,7 @@ static OSSL_LIB_CTX *mtls_libctx_new(void)
 {
     return OSSL_LIB_CTX_new();
 }
+
 
 /* Opens and closes a store on the "pkcs11:" scheme: any call into
    pkcs11-provider runs its pending work first, and in a forked child that

@@ -16,10 +16,19 @@ int mtls_guard_pin_prompts(void);
 void *mtls_module_function_list(const char *);
 
 /* Engine backend (stubs returning NULL/0 when OpenSSL has no ENGINE API) */
-ENGINE *mtls_engine_open(const char *, const char *, const char *);
-EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, const char *, const char *, int);
-int mtls_p11_wrapped(void);
+ENGINE *mtls_engine_open(const char *, const char *, const char *, int);
+EVP_PKEY *mtls_engine_load_private_key(ENGINE *, const char *, int, const char *, const char *, int);
+int mtls_p11_slots(int *, int *, int *, int *);
 void mtls_engine_close(ENGINE *);
+
+/* Who still uses a backend instance: keys counted per instance */
+struct mtls_users;
+struct mtls_users *mtls_users_new(void);
+int mtls_users_count(struct mtls_users *);
+void mtls_users_free(struct mtls_users *);
+int mtls_pkey_track(EVP_PKEY *, struct mtls_users *);
+int mtls_dl_keep(const char *);
+char *dlerror(void);
 int mtls_engine_listed(const char *);
 
 /* Provider backend (stubs returning 0/NULL before OpenSSL 3) */

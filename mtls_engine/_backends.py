@@ -195,23 +195,54 @@ def key_uri(token: TokenInfo, key: KeyObject) -> str:
     return format_uri(attrs)
 
 
+class _Library:
+    """An engine library loaded for the life of the process: libp11's own
+    file, or a private copy of it.  ``busy`` while an engine instance made
+    from it is alive."""
+
+    def __init__(self, path: str, copy: bool) -> None:
+        self.path = path
+        self.copy = copy
+        self.busy = False
+
+
+class _Instance:
+    """One engine instance: its ENGINE (a functional reference), the
+    library it came from, and the count of its keys still alive (C:
+    mtls_users)."""
+
+    def __init__(self, e: Any, library: _Library, users: Any) -> None:
+        self.e = e
+        self.library = library
+        self.users = users
+        self.counted = True  # every key it made is counted (OpenSSL 3)
+        self.loading = 0  # key loads under way (its key is not counted yet)
+
+
 class _EngineBackend:
-    """One engine instance per PKCS#11 module for the life of the process:
-    a new instance would re-initialise libp11 and could log in again.  The
-    one exception is ``fresh=True`` after the token was lost: libp11 0.4.12
-    keeps its module connection for the life of its instance and never
+    """One engine instance per PKCS#11 module at a time: a new instance
+    would re-initialise libp11 and could log in again.  The one exception
+    is ``fresh=True`` after the token was lost: libp11 0.4.12 keeps its
+    module connection for the life of its instance and never
     re-initialises it (except in a forked child), so a token that went away
     (a p11-kit server restarted, a card pulled) is reached again only
-    through a new instance.  Older instances stay alive: keys handed out
-    earlier still point into them.
+    through a new instance.  The old one is *retired*: keys it made may
+    still be in use (connections in flight hold their own reference), so it
+    is freed only once none is left (:meth:`release_unused`; every key is
+    counted in C, see mtls_users).  Freeing it closes its sessions and ends
+    its connection to the module (csrc/helper.c, mtls_p11_wrap).
 
     OpenSSL 3 lets one engine library back only one ENGINE at a time (its
     list of dynamic engines is keyed by the library's bind function: a
-    second load of the same file fails with "init failed").  So every
-    instance after the first is loaded from a private copy of the engine
-    library (a temporary folder of its own, removed once loaded), which has
-    its own libp11 state.  That also gives each PKCS#11 module its own
-    instance.
+    second load of the same file fails with "init failed").  So a second
+    instance alive at the same time is loaded from a private copy of the
+    engine library (a temporary folder of its own, removed once loaded),
+    which has its own libp11 state.  Libraries are never unloaded (libp11
+    leaves its error strings and EVP_PKEY methods registered with OpenSSL,
+    pointing into the library) and are reused: an instance is made from a
+    library whose previous instance was freed, so the number of copies is
+    the largest number of instances alive at once, not the number of
+    reconnections.
 
     Every instance reaches its module through this extension's
     C_GetFunctionList (csrc/helper.c): the module's own functions, except
@@ -219,67 +250,136 @@ class _EngineBackend:
     waiting for ever (libp11 0.4.13, after the token went away)."""
 
     def __init__(self) -> None:
-        self._engines: dict[str, Any] = {}
-        self._retired: list[Any] = []
-        self._opened = 0
+        self._engines: dict[str, _Instance] = {}
+        self._retired: list[_Instance] = []
+        self._libraries: list[_Library] = []
         self._lock = _fork.ForkSafeLock()
 
-    def _open(self, module: Module) -> Any:
+    def _library(self, path: str) -> tuple[_Library, str | None]:
+        """A loaded engine library no instance uses (a new copy when every
+        one is busy), and the copy's folder to remove once it is loaded."""
+        for library in self._libraries:
+            if not library.busy:
+                return library, None
+        if not self._libraries:
+            library = _Library(path, copy=False)
+            if not lib.mtls_dl_keep(path.encode()):
+                raise BackendUnavailable(f"cannot load libp11's engine {path}: {_dl_error()}")
+            self._libraries.append(library)
+            return library, None
+        copy_dir = None
+        try:
+            copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
+            so_path = os.path.join(copy_dir, os.path.basename(path))
+            shutil.copyfile(path, so_path)
+        except OSError as exc:
+            if copy_dir is not None:
+                shutil.rmtree(copy_dir, ignore_errors=True)
+            raise BackendUnavailable(
+                f"cannot copy libp11's engine {path} for a second engine instance ({exc.strerror}); "
+                "OpenSSL loads one instance per engine library. Set TMPDIR to a writable folder"
+            ) from None
+        if not lib.mtls_dl_keep(so_path.encode()):
+            why = _dl_error()
+            shutil.rmtree(copy_dir, ignore_errors=True)
+            raise BackendUnavailable(
+                f"cannot load a copy of libp11's engine {path} from {copy_dir} ({why}); TMPDIR must allow executables"
+            )
+        library = _Library(so_path, copy=True)
+        self._libraries.append(library)
+        return library, copy_dir
+
+    def _open(self, module: Module) -> _Instance:
         path = engine_path()
         if path is None:
             raise BackendUnavailable(engine_status()[1])
         _guard_pin_prompts()
-        copy_dir = None
-        so_path = path
-        if self._opened:
-            try:
-                copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
-                so_path = os.path.join(copy_dir, os.path.basename(path))
-                shutil.copyfile(path, so_path)
-            except OSError as exc:
-                if copy_dir is not None:
-                    shutil.rmtree(copy_dir, ignore_errors=True)
-                raise BackendUnavailable(
-                    f"cannot copy libp11's engine {path} for a second engine instance ({exc.strerror}); "
-                    "OpenSSL loads one instance per engine library. Set TMPDIR to a writable folder"
-                ) from None
+        self._release_unused()  # a library whose instance is gone can serve this one
+        library, copy_dir = self._library(path)
         lib.ERR_clear_error()
         try:
-            e = lib.mtls_engine_open(so_path.encode(), BINDING_PATH.encode(), module.path.encode())
+            e = lib.mtls_engine_open(library.path.encode(), BINDING_PATH.encode(), module.path.encode(),
+                                     int(module.isolated))  # fmt: skip
         finally:
             if copy_dir is not None:
                 shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
         if e == ffi.NULL:
             errors = consume_errors()
-            where = ""
-            if copy_dir is not None:
-                where = f" (loaded from a copy in {copy_dir}: TMPDIR must allow executables)"
+            where = f" (loaded from a copy in {os.path.dirname(library.path)})" if library.copy else ""
             raise BackendUnavailable(
                 f"cannot start libp11's engine {path} for module {module.path}{where}"
                 + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
             )
-        self._opened += 1
-        return e
+        users = lib.mtls_users_new()
+        if users == ffi.NULL:
+            lib.mtls_engine_close(e)
+            raise BackendUnavailable("out of memory starting libp11's engine")
+        library.busy = True
+        return _Instance(e, library, users)
 
-    def engine(self, module: Module, *, fresh: bool = False) -> Any:
+    def engine(self, module: Module, *, fresh: bool = False) -> _Instance:
+        """The module's current instance (a new one when ``fresh``), held
+        for a key load: :meth:`done` when that key is counted."""
         with self._lock:
-            e = self._engines.get(module.path)
-            if e is None or fresh:
+            inst = self._engines.get(module.path)
+            if inst is None or fresh:
                 new = self._open(module)
-                if e is not None:
-                    self._retired.append(e)
-                e = self._engines[module.path] = new
-            return e
+                if inst is not None:
+                    self._retired.append(inst)
+                inst = self._engines[module.path] = new
+            inst.loading += 1
+            return inst
+
+    def done(self, inst: _Instance) -> None:
+        with self._lock:
+            inst.loading -= 1
+
+    def release_unused(self) -> int:
+        """Free every retired instance none of whose keys is left; returns
+        how many are still alive (current and retired)."""
+        with self._lock:
+            self._release_unused()
+            return len(self._engines) + len(self._retired)
+
+    def _release_unused(self) -> None:
+        keep = []
+        for inst in self._retired:
+            if not inst.counted or inst.loading or lib.mtls_users_count(inst.users) != 0:
+                keep.append(inst)
+                continue
+            lib.mtls_engine_close(inst.e)
+            consume_errors()  # libp11's teardown may leave some (a module already gone)
+            lib.mtls_users_free(inst.users)
+            inst.library.busy = False
+        self._retired = keep
+
+    def libraries(self) -> int:
+        """Engine libraries loaded so far (libp11's own and its copies)."""
+        with self._lock:
+            return len(self._libraries)
 
     def load_private_key(
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
     ) -> Any:
         uri = key_uri(token, key)
-        e = self.engine(module, fresh=fresh)
+        slots = ffi.new("int[4]")
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
+        unwrapped = slots[2]
+        inst = self.engine(module, fresh=fresh)
+        try:
+            return self._load(inst, module, token, uri, pin, unwrapped)
+        finally:
+            self.done(inst)
+
+    def _load(
+        self, inst: _Instance, module: Module, token: TokenInfo, uri: str, pin: bytes | None, unwrapped: int
+    ) -> Any:
+        slots = ffi.new("int[4]")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
         try:
-            pkey = lib.mtls_engine_load_private_key(e, module.path.encode(), uri.encode(), pin_buf, len(pin or b""))
+            pkey = lib.mtls_engine_load_private_key(inst.e, module.path.encode(), int(module.isolated), uri.encode(),
+                                                    pin_buf, len(pin or b""))  # fmt: skip
         finally:
             _wipe(pin_buf, pin)
         if pkey == ffi.NULL:
@@ -288,7 +388,22 @@ class _EngineBackend:
                 f"libp11's engine could not load the private key {uri} that mtls_engine found on "
                 f"{token}" + (f" (OpenSSL: {'; '.join(errors)})" if errors else "")
             )
-        return ffi.gc(pkey, lib.EVP_PKEY_free)
+        pkey = ffi.gc(pkey, lib.EVP_PKEY_free)
+        if not lib.mtls_pkey_track(pkey, inst.users):
+            inst.counted = False  # stays loaded for the life of the process
+        lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
+        if slots[2] != unwrapped:
+            log.warning(
+                "libp11's engine for %s got the module's own function list: %d engine instances are alive "
+                "(keys of earlier reconnections are still in use); with libp11 0.4.13 a lost token would "
+                "block its signatures", module.path, slots[0],
+            )  # fmt: skip
+        return pkey
+
+
+def _dl_error() -> str:
+    why = lib.dlerror()
+    return text(why) if why != ffi.NULL else "no reason given"
 
 
 def _pin_buffer(pin: bytes | None) -> Any:
@@ -316,8 +431,15 @@ class _ProviderBackend:
     only a separate library context lets a key be loaded from the new
     instance and not the old one.  The key still signs for contexts of the
     default library context (OpenSSL fetches the signature from the key's
-    own provider).  Older instances stay loaded: keys handed out earlier
-    still belong to them."""
+    own provider).  Older instances stay loaded, unlike the engine's: every
+    time OpenSSL compares the key with a certificate (X509_check_private_key,
+    and SSL_use_PrivateKey at each handshake) it imports the certificate's
+    public key into the key's provider and keeps that copy in the
+    certificate's EVP_PKEY for the certificate's life (the context's), with
+    nothing to say when it goes.  Tearing the instance down before then
+    leaves that copy pointing into it (measured: SIGSEGV when the context
+    is freed).  So each reconnection through pkcs11-provider keeps an
+    instance, its sessions and its module connection (docs/p11kit.md)."""
 
     NAME = "mtls_engine_pkcs11"
 
@@ -386,6 +508,13 @@ class _ProviderBackend:
             self._module = module.path
             self._libctx = libctx
             self._generation += 1
+            # Older instances' keys are no longer handed out: whoever holds one keeps it.
+            self._keys = {k: v for k, v in self._keys.items() if k[0] == self._generation}
+
+    def instances(self) -> int:
+        """pkcs11-provider instances mtls_engine loaded in this process."""
+        with self._lock:
+            return self._generation
 
     def load_private_key(
         self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
@@ -435,6 +564,12 @@ def _guard_pin_prompts() -> None:
 
 ENGINE = _EngineBackend()
 PROVIDER = _ProviderBackend()
+
+
+def release_unused() -> None:
+    """Free the engine instances that reconnections retired and whose keys
+    are all gone (nothing else frees them)."""
+    ENGINE.release_unused()
 
 
 def _after_fork() -> None:

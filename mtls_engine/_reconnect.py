@@ -109,7 +109,11 @@ class Card:
         self.backend = backend
         self._get_pin = get_pin
         self._force = force
-        self._keys = [pkey]  # every key handed out stays alive: connections may hold it
+        # The key loaded with the context (which holds it too); after a
+        # reconnection the card holds the current one in C.  Connections
+        # hold their own reference to the key they started with, and a
+        # retired backend instance is freed once no key of it is left.
+        self._first_key = pkey
         self._lock = ForkSafeLock()
         self._last_attempt = -math.inf
         self._confirmed = False  # a test signature failed too: the token is really gone
@@ -144,7 +148,7 @@ class Card:
     def _current_key(self) -> Any:
         pkey = lib.mtls_card_key(self.c)
         if pkey == ffi.NULL:
-            return self._keys[0]
+            return self._first_key
         return ffi.gc(pkey, lib.EVP_PKEY_free)
 
     def attach(self, ctx: ssl.SSLContext, ssl_ctx: Any) -> None:
@@ -283,7 +287,8 @@ class Card:
             )
         if not lib.mtls_card_set_key(self.c, pkey):
             raise OpenSSLError("cannot switch the card to the reloaded key", consume_errors())
-        self._keys.append(pkey)
+        del pkey  # the card holds it now
+        _backends.release_unused()  # the instances this card (or another) no longer needs
         self.token, self.key = token, key
         self.stopped = self.last_error = None
         self._confirmed = self.stopped_in_child = False

@@ -164,9 +164,15 @@ def test_engine_serves_a_second_module_in_the_same_process(pki: Pki, spy: str, t
 
 ENGINE_MODULE_THROUGH_MTLS = """
 import ctypes, os, mtls_engine
-from mtls_engine._lib import BINDING_PATH, lib
+from mtls_engine._backends import ENGINE
+from mtls_engine._lib import BINDING_PATH, ffi, lib
 from mtls_engine._reconnect import card_of
 from tests.servers import echo_server, server_context, talk
+
+def slots():
+    s = ffi.new("int[4]")
+    alive = lib.mtls_p11_slots(s, s + 1, s + 2, s + 3)
+    return f"slots in use {s[0]} handed out {s[1]} unwrapped {s[2]} engines alive {alive}"
 
 # Called by anyone but an engine that mtls_engine is starting, the
 # extension is no PKCS#11 module: CKR_GENERAL_ERROR.
@@ -174,12 +180,13 @@ print("outside", ctypes.CDLL(BINDING_PATH).C_GetFunctionList(ctypes.byref(ctypes
 srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
 ctx = mtls_engine.client_context(os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
                                  pin=os.environ["T_PIN"], backend="engine")
-print("instances", lib.mtls_p11_wrapped())
+print(slots())
 with echo_server(srv) as s:
     print(talk(ctx, s.port)["subject"])
-    for _ in range(64):  # a new engine instance each
+    for _ in range(int(os.environ["T_ROUNDS"])):  # a new engine instance each, the old one freed
         mtls_engine.reconnect(ctx)
-    print("instances", lib.mtls_p11_wrapped(), "reconnections", card_of(ctx).reconnections)
+        assert talk(ctx, s.port)["subject"] == "commonName=card-holder ec256"
+    print(slots(), "libraries", ENGINE.libraries(), "reconnections", card_of(ctx).reconnections)
     print(talk(ctx, s.port)["subject"])
 """
 
@@ -189,21 +196,83 @@ def test_the_engine_reaches_its_module_through_mtls_engine(pki: Pki) -> None:
     so every engine instance gets the module's function list from
     mtls_engine's C_GetFunctionList, with C_OpenSession failures turned into
     one that libp11 gives up on (csrc/helper.c; tests/test_token_loss.py
-    shows it with a token that goes away).  Here: each instance gets such a
-    list, up to 64; the 65th gets the module's own, and still signs."""
+    shows it with a token that goes away).  The wrapper slots (64) are
+    given back when a retired instance is freed: 70 reconnections (more
+    than 64) all get the changed list, and freeing the instances they
+    retire (libp11 closes its sessions and finalises the module: on
+    SoftHSM2, loaded directly, a module the whole process shares) leaves
+    the current instance and mtls_engine's own sessions working."""
     need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    rounds = 70
     proc = run_python(
         ENGINE_MODULE_THROUGH_MTLS,
         env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
-             "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)},
+             "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key),
+             "T_ROUNDS": str(rounds)},
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines() == [
         "outside 5",  # CKR_GENERAL_ERROR
-        "instances 1",
+        "slots in use 1 handed out 1 unwrapped 0 engines alive 1",
         "commonName=card-holder ec256",
-        "instances 64 reconnections 64",
+        # The first instance stays (the context holds its key); of the
+        # others only the current one is left.  Three engine libraries:
+        # libp11's own (the first instance), and two copies taking turns
+        # (while a reconnection loads the new instance, the one it replaces
+        # still holds the card's key).
+        f"slots in use 2 handed out {rounds + 1} unwrapped 0 engines alive 2 libraries 3 reconnections {rounds}",
+        "commonName=card-holder ec256",
+    ]
+
+
+ENGINE_RETIRED_KEY_IN_USE = """
+import gc, os, mtls_engine
+from mtls_engine._lib import ffi, lib
+from mtls_engine._reconnect import _sign_test, card_of
+from tests.servers import echo_server, server_context, talk
+
+def alive():
+    s = ffi.new("int[4]")
+    return lib.mtls_p11_slots(s, s + 1, s + 2, s + 3)
+
+srv = server_context(os.environ["T_SCERT"], os.environ["T_SKEY"], os.environ["T_CA"])
+ctx = mtls_engine.client_context(os.environ["T_URI"], cafile=os.environ["T_CA"], module=os.environ["T_MODULE"],
+                                 pin=os.environ["T_PIN"], backend="engine")
+card = card_of(ctx)
+mtls_engine.reconnect(ctx)
+held = card._current_key()  # a reference to the second instance's key, as a connection in flight holds one
+for _ in range(3):
+    mtls_engine.reconnect(ctx)
+print("alive while the key is held", alive(), "it signs", _sign_test(held))
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+del held
+gc.collect()
+mtls_engine.reconnect(ctx)
+print("alive once it is gone", alive())
+with echo_server(srv) as s:
+    print(talk(ctx, s.port)["subject"])
+"""
+
+
+def test_a_retired_engine_instance_lives_as_long_as_its_key(pki: Pki) -> None:
+    """A reconnection retires the engine instance it replaces; one whose
+    key is still held (here: a reference like a connection's) stays alive
+    and signs, while the instances between it and the current one are
+    freed; once the key is gone, the next reconnection frees it too."""
+    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    proc = run_python(
+        ENGINE_RETIRED_KEY_IN_USE,
+        env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
+             "T_CA": str(pki.ca_file), "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        # the first (the context's key), the second (held), the current
+        "alive while the key is held 3 it signs True",
+        "commonName=card-holder ec256",
+        "alive once it is gone 2",
         "commonName=card-holder ec256",
     ]
 

@@ -8,11 +8,17 @@ Scenarios (T_SCENARIO):
   threads  the same with 4 client threads handshaking all along
   pin      the PIN source yields a wrong PIN at the reconnection
   server   the *server's* key is on the token that goes away
+  many     T_RECONNECTIONS forced reconnections (mtls_engine.reconnect), a
+           handshake after each, with what stays loaded measured after
+           T_WARMUP of them and at the end; then the server goes away and
+           comes back
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -133,6 +139,8 @@ def main() -> None:
     try:
         if scenario == "server":
             _server_scenario(env, token, out)
+        elif scenario == "many":
+            _many_scenario(env, token, out)
         else:
             _client_scenario(env, token, out, scenario)
     finally:
@@ -230,6 +238,88 @@ def _server_scenario(env: dict[str, str], token: P11KitServer, out: dict[str, An
     out["after"] = [hs() for _ in range(3)]
     card = card_of(srv_ctx)
     out["reconnections"] = card.reconnections if card is not None else None
+
+
+def _loaded(token: P11KitServer) -> dict[str, Any]:
+    """What a process keeps per backend instance: resident memory (after
+    a collection and malloc_trim), engine libraries mapped (libp11's
+    pkcs11.so and its private copies), engine instances alive and wrapper
+    slots taken (csrc/helper.c), pkcs11-provider instances, open descriptors, and the server's p11-kit-remote processes
+    (one per client connection)."""
+    from mtls_engine._backends import ENGINE, PROVIDER, engine_path
+    from mtls_engine._lib import ffi, lib
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    engine = engine_path()
+    name = os.path.basename(engine) if engine else "pkcs11.so"
+    mapped = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.basename(fields[5].strip().removesuffix(" (deleted)")) == name:
+                mapped.add(fields[5].strip())
+    engines = set(m for m in mapped if "ossl-modules" not in m)  # pkcs11-provider's file has the same name
+    slots = ffi.new("int[4]")
+    alive = lib.mtls_p11_slots(slots, slots + 1, slots + 2, slots + 3)
+    remotes = 0
+    if token.proc is not None:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and pid != str(token.proc.pid):
+                try:
+                    if os.getpgid(int(pid)) == token.proc.pid:
+                        remotes += 1
+                except OSError:
+                    pass
+    return {
+        "rss": rss,
+        "engine_files_mapped": len(engines),
+        "engines_alive": alive,
+        "engine_instances": ENGINE.release_unused(),
+        "engine_libraries": ENGINE.libraries(),
+        "slots_in_use": slots[0],
+        "slots_handed": slots[1],
+        "unwrapped": slots[2],
+        "recycled": slots[3],
+        "provider_instances": PROVIDER.instances(),
+        "fds": len(os.listdir("/proc/self/fd")),
+        "server_connections": remotes,
+    }
+
+
+def _many_scenario(env: dict[str, str], token: P11KitServer, out: dict[str, Any]) -> None:
+    srv = _Echo(mtls_engine.server_context(env["T_SERVER_CERT"], env["T_SERVER_KEY"], env["T_CA"]))
+    ctx = mtls_engine.client_context(env["T_KEY"], cafile=env["T_CA"], module=env["T_CLIENT"],
+                                     pin=mtls_engine.pin_source("env:T_PIN"), backend=env["T_BACKEND"])  # fmt: skip
+    card = card_of(ctx)
+    assert card is not None
+
+    def hs() -> dict[str, Any]:
+        return _outcome(lambda: _client_handshake(ctx, srv.port))
+
+    total, warmup = int(env["T_RECONNECTIONS"]), int(env["T_WARMUP"])
+    out["before"] = hs()
+    failed: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for i in range(total):
+        if i == warmup:
+            out["at_warmup"] = _loaded(token)
+        got = _outcome(lambda: mtls_engine.reconnect(ctx))
+        if got["ok"]:
+            got = hs()
+        if not got["ok"]:
+            failed.append({**got, "round": i})
+    out["seconds_per_reconnection"] = (time.monotonic() - started) / max(total, 1)
+    out["at_end"] = _loaded(token)
+    out["failed"] = failed[:5]
+    out["reconnections"] = card.reconnections
+    token.stop()
+    out["lost"] = [hs() for _ in range(3)]
+    token.start()
+    out["recovered_after"], out["while_starting"] = _until_ok(hs)
+    out["after"] = [hs() for _ in range(3)]
 
 
 if __name__ == "__main__":
