@@ -272,16 +272,13 @@ class _EngineBackend:
             return e
 
     def load_private_key(
-        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
     ) -> Any:
         uri = key_uri(token, key)
         e = self.engine(module, fresh=fresh)
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
-        try:
-            pkey = lib.mtls_engine_load_private_key(e, module.path.encode(), uri.encode(), pin_buf, len(pin or b""))
-        finally:
-            _wipe(pin_buf, pin)
+        pkey = lib.mtls_engine_load_private_key(e, module.path.encode(), uri.encode(), pin_buf, len(pin or b""))
         if pkey == ffi.NULL:
             errors = consume_errors()
             raise ObjectNotFound(
@@ -291,14 +288,10 @@ class _EngineBackend:
         return ffi.gc(pkey, lib.EVP_PKEY_free)
 
 
-def _pin_buffer(pin: bytes | None) -> Any:
-    """A C copy of a verified PIN for one backend call (ffi.NULL: none)."""
-    return ffi.NULL if pin is None else ffi.new("char[]", pin)
-
-
-def _wipe(buf: Any, pin: bytes | None) -> None:
-    if pin is not None:
-        ffi.memmove(buf, b"\x00" * len(pin), len(pin))
+def _pin_buffer(pin: bytearray | None) -> Any:
+    """A pointer into the caller's copy of a verified PIN for one backend
+    call (ffi.NULL: none): no C copy is made; the caller wipes its copy."""
+    return ffi.NULL if pin is None else ffi.from_buffer("char[]", pin)
 
 
 class _ProviderBackend:
@@ -388,7 +381,7 @@ class _ProviderBackend:
             self._generation += 1
 
     def load_private_key(
-        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
     ) -> Any:
         self.activate(module, fresh=fresh)
         with self._lock:
@@ -398,7 +391,7 @@ class _ProviderBackend:
                 cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
             return cached
 
-    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
+    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytearray | None, *, copies: bool) -> Any:
         """``copies``: a new instance on a module whose state the old one
         shares may also find the session copy the old instance made of the
         key (pkcs11-provider caches keys that way, and session objects are
@@ -409,10 +402,7 @@ class _ProviderBackend:
         count = ffi.new("int *")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
-        try:
-            pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
-        finally:
-            _wipe(pin_buf, pin)
+        pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
         if pkey == ffi.NULL:
             errors = consume_errors()
             if count[0] > 1:
@@ -458,7 +448,7 @@ _fork.in_child("logging in to the card again", _after_fork)
 
 
 def load_private_key(
-    backend: str, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+    backend: str, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
 ) -> Any:
     """The token's key as an EVP_PKEY through ``backend``.  ``pin``: the
     PIN mtls_engine's own login just verified, offered to a backend that

@@ -71,6 +71,6 @@ def cli_pin(spec: str | None, *uris: str | None) -> PinArg:
     for text in uris:
         if text and text[:7].lower() == "pkcs11:":
             u = parse(text)
-            if u.pin_source is not None or u.pin_value is not None:
+            if u.pin_source is not None or u.has_pin_value:
                 return None
     return prompt_pin
