@@ -26,6 +26,7 @@ from ._errors import (
 from ._lib import consume_errors, ffi, lib
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
+from ._protect import protect_if_asked
 from ._reconnect import Card
 from ._secret import wipe
 from ._uri import ParsedUri, parse
@@ -243,6 +244,7 @@ def resolve_card_key(
     *,
     force: bool = False,
 ) -> LoadedKey:
+    protect_if_asked()  # before any PIN is read
     key_uri = parse(key, what="key")
     if key_uri.object_type not in (None, "private"):
         raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")

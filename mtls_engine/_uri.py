@@ -78,6 +78,14 @@ def _attrs(uri: str) -> list[_Attr]:
     return out
 
 
+def has_pin_value_attribute(text: str) -> bool:
+    """Whether ``text`` is a ``pkcs11:`` URI with a ``pin-value`` attribute
+    anywhere (in its path or query, in any case, percent-encoded or not)."""
+    if text.strip()[:7].lower() != "pkcs11:":
+        return False
+    return any(urllib.parse.unquote(a.key).strip() == "pin-value" for a in _attrs(text.strip()))
+
+
 def redact(uri: str) -> str:
     """``uri`` as it may be shown in messages and logs: every query value
     masked, and nothing after a ``pin-value`` or an unknown attribute."""
