@@ -127,7 +127,7 @@ def test_no_pin_in_errors_or_log_lines_of_a_real_load(
 ) -> None:
     """Through the real module: the token is not found, and neither the
     error nor any log record shows the PIN."""
-    pin = "58#2?0&9;4%61"
+    pin = f"58#2?{MARK}0&9;4%61"
     caplog.set_level(logging.DEBUG, logger="mtls_engine")
     for encoded in _encodings(pin):
         uri = f"pkcs11:token=nosuchcard;object=ec256?pin-value={encoded}"
