@@ -253,7 +253,15 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
         raise UriError(f"the {what} URI {redact(uri)!r} is malformed: {reason}")
     if lib.p11_kit_uri_any_unrecognized(handle):
         raise UriError(f"the {what} URI {redact(uri)!r} has a value p11-kit does not recognise")
-    # Query values are read back as text (a PIN, a path): they must be UTF-8.
+    # Query values are read back as text (a PIN, a path): they must be UTF-8,
+    # and hold no NUL, where p11-kit's C string would end: a PIN cut short
+    # there would be sent, and cost a try.
+    for part in re.split(r"[&;]", uri.partition("?")[2]):
+        key, _, raw = part.partition("=")
+        if key.strip().lower() in _QUERY_ATTRS and "%00" in raw:
+            raise UriError(
+                f"the {what} URI {redact(uri)!r} has a {key.strip().lower()} with a NUL (%00) in it; remove it"
+            )
     for name, get in (("pin-value", lib.p11_kit_uri_get_pin_value), ("pin-source", lib.p11_kit_uri_get_pin_source),
                       ("module-path", lib.p11_kit_uri_get_module_path)):  # fmt: skip
         p = get(handle)
