@@ -82,4 +82,3 @@ def test_a_missing_spy_log_is_not_zero_calls(tmp_path: Path) -> None:
     log = tmp_path / "spy.log"
     log.write_text("0: C_Initialize\n2026-12-05 10:00:00.000\n1: C_Login\n[in] hSession = 0x1\n")
     assert (count_calls(log, "C_Login"), count_calls(log, "C_Sign")) == (1, 0)
-
