@@ -12,11 +12,13 @@ def wipe(pin: bytearray | None) -> None:
         pin[:] = bytes(len(pin))
 
 
-def utf8_into(text: str) -> bytearray:
+def utf8_into(text: str, *, nul: bool = False) -> bytearray:
     """``text`` encoded as UTF-8 straight into one bytearray of the exact
-    size: ``str.encode`` would leave a bytes copy that cannot be wiped."""
+    size (one more, a NUL, with ``nul``): ``str.encode`` would leave a bytes
+    copy that cannot be wiped.  A lone surrogate raises PinError."""
     codes = [ord(c) for c in text]
-    out = bytearray(sum(1 if c < 0x80 else 2 if c < 0x800 else 3 if c < 0x10000 else 4 for c in codes))
+    size = sum(1 if c < 0x80 else 2 if c < 0x800 else 3 if c < 0x10000 else 4 for c in codes)
+    out = bytearray(size + 1 if nul else size)
     i = 0
     for c in codes:
         if c < 0x80:

@@ -14,8 +14,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import UriError
+from ._errors import PinError, UriError
 from ._lib import ffi, lib
+from ._secret import utf8_into, wipe
 
 # Path and query attribute names p11-kit understands (RFC 7512 + p11-kit's).
 _PATH_ATTRS = {
@@ -27,6 +28,7 @@ _QUERY_ATTRS = {"pin-source", "pin-value", "module-name", "module-path"}
 
 _KNOWN = sorted(_PATH_ATTRS | _QUERY_ATTRS)
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_QUERY_PART = re.compile(r"[^&;]+")
 
 
 @dataclass(frozen=True)
@@ -41,38 +43,52 @@ class _Attr:
     name: str | None
 
 
-def _attrs(uri: str) -> list[_Attr]:
-    """The attributes of ``uri`` in order, each with what may be shown of it.
+def _spans(uri: str, start: int) -> list[tuple[str, int, int]]:
+    """Where each attribute of ``uri`` lies, as (path|query, begin, end):
+    found by index, so that no slice of a value (a PIN) is made."""
+    query = uri.find("?", start)
+    path_end = len(uri) if query < 0 else query
+    out = []
+    i = start
+    while i <= path_end:
+        j = uri.find(";", i, path_end)
+        j = path_end if j < 0 else j
+        out.append(("path", i, j))
+        i = j + 1
+    if query >= 0:
+        out += [("query", m.start(), m.end()) for m in _QUERY_PART.finditer(uri, query + 1)]
+    return [(where, b, e) for where, b, e in out if e > b]
+
+
+def _attrs(uri: str, start: int | None = None) -> list[_Attr]:
+    """The attributes of ``uri`` (a ``pkcs11:`` URI from index ``start``,
+    else after its scheme) in order, each with what may be shown of it.
 
     A PIN can hide anywhere after a ``pin-value`` (p11-kit keeps ``#``, ``?``,
     ``&`` and ``;`` in values, and a misplaced or misspelt attribute moves
     the rest of the PIN into names), so every query value is masked, and
     once a pin-value or an unknown attribute is met nothing after it is
     shown at all, names included."""
-    body = uri[len("pkcs11:") :] if uri[:7].lower() == "pkcs11:" else uri
-    path, sep, query = body.partition("?")
-    parts = [("path", p) for p in path.split(";")]
-    if sep:
-        parts += [("query", p) for p in re.split(r"[&;]", query)]
+    if start is None:
+        start = 7 if uri[:7].lower() == "pkcs11:" else 0
     out: list[_Attr] = []
     tainted = False
-    for where, part in parts:
-        if not part:
-            continue
-        raw_key, eq, _ = part.partition("=")
+    for where, begin, end in _spans(uri, start):
+        eq = uri.find("=", begin, end)
+        raw_key = uri[begin : end if eq < 0 else eq]
         key = raw_key.strip().lower()
         known = _PATH_ATTRS if where == "path" else _QUERY_ATTRS
         if tainted:
             out.append(_Attr(where, key, "***", None))
             continue
         if key in known:
-            shown = part if where == "path" else f"{raw_key}=***" if eq else raw_key
-            out.append(_Attr(where, key, shown, key))
+            shown = uri[begin:end] if where == "path" else f"{raw_key}=***" if eq >= 0 else raw_key
+            out.append(_Attr(where, key, shown, raw_key.strip()))
             tainted = key == "pin-value"
             continue
         # Unknown, misplaced, or without a value: named only when it looks
         # like an attribute name and comes before anything PIN-bearing.
-        name = raw_key.strip() if eq and _NAME.fullmatch(key) else None
+        name = raw_key.strip() if eq >= 0 and _NAME.fullmatch(key) else None
         out.append(_Attr(where, key, f"{name}=***" if name else "***", name))
         tainted = True
     return out
@@ -81,19 +97,22 @@ def _attrs(uri: str) -> list[_Attr]:
 def has_pin_value_attribute(text: str) -> bool:
     """Whether ``text`` is a ``pkcs11:`` URI with a ``pin-value`` attribute
     anywhere (in its path or query, in any case, percent-encoded or not)."""
-    if text.strip()[:7].lower() != "pkcs11:":
+    lead = re.match(r"\s*", text)
+    start = lead.end() if lead else 0
+    if text[start : start + 7].lower() != "pkcs11:":
         return False
-    return any(urllib.parse.unquote(a.key).strip() == "pin-value" for a in _attrs(text.strip()))
+    return any(urllib.parse.unquote(a.key).strip() == "pin-value" for a in _attrs(text, start + 7))
 
 
 def redact(uri: str) -> str:
     """``uri`` as it may be shown in messages and logs: every query value
     masked, and nothing after a ``pin-value`` or an unknown attribute."""
     if uri[:7].lower() != "pkcs11:":
-        head = re.split(r"[?;=&#]", uri, maxsplit=1)[0]
+        cut = re.search(r"[?;=&#]", uri)
+        head = uri if cut is None else uri[: cut.start()]
         if not re.search(r"[/.:]", head):
             return f"<{len(uri)} characters, not shown in case they hold a PIN>"
-        return uri if head == uri else head + "…"
+        return head if cut is None else head + "…"
     attrs = _attrs(uri)
     path = ";".join(a.shown for a in attrs if a.where == "path")
     query = "&".join(a.shown for a in attrs if a.where == "query")
@@ -235,6 +254,11 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
     for index, attr in enumerate(_attrs(uri), 1):
         if attr.key not in (_PATH_ATTRS if attr.where == "path" else _QUERY_ATTRS):
             raise _unknown(what, uri, attr, index)
+        if attr.name is not None and attr.name != attr.key:
+            raise UriError(
+                f"the {what} URI {redact(uri)!r} writes {attr.name!r} in capitals; p11-kit knows attribute names "
+                f"in lower case only: write {attr.key!r}"
+            )
         if attr.key in seen:
             raise UriError(f"the {what} URI {redact(uri)!r} gives {attr.key!r} twice; give it once")
         seen.add(attr.key)
@@ -243,11 +267,14 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
     if obj_type is not None and obj_type not in ("private", "public", "cert", "secret-key", "data"):
         raise UriError(f"the {what} URI {redact(uri)!r} has an unknown type {obj_type!r}")
     try:
-        raw = uri.encode("utf-8")
-    except UnicodeEncodeError:
+        raw = utf8_into(uri, nul=True)  # the URI may hold a PIN: a copy that is wiped
+    except PinError:
         raise UriError(f"the {what} URI {redact(uri)!r} is not valid Unicode text") from None
     handle = ffi.gc(lib.p11_kit_uri_new(), lib.p11_kit_uri_free)
-    rc = lib.p11_kit_uri_parse(raw, lib.P11_KIT_URI_FOR_ANY, handle)
+    try:
+        rc = lib.p11_kit_uri_parse(ffi.from_buffer("char[]", raw), lib.P11_KIT_URI_FOR_ANY, handle)
+    finally:
+        wipe(raw)
     if rc != lib.P11_KIT_URI_OK:
         reason = ffi.string(lib.p11_kit_uri_message(rc)).decode()
         raise UriError(f"the {what} URI {redact(uri)!r} is malformed: {reason}")
@@ -256,12 +283,11 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
     # Query values are read back as text (a PIN, a path): they must be UTF-8,
     # and hold no NUL, where p11-kit's C string would end: a PIN cut short
     # there would be sent, and cost a try.
-    for part in re.split(r"[&;]", uri.partition("?")[2]):
-        key, _, raw = part.partition("=")
-        if key.strip().lower() in _QUERY_ATTRS and "%00" in raw:
-            raise UriError(
-                f"the {what} URI {redact(uri)!r} has a {key.strip().lower()} with a NUL (%00) in it; remove it"
-            )
+    for where, begin, end in _spans(uri, 7):
+        eq = uri.find("=", begin, end)
+        key = uri[begin:eq].strip().lower() if eq >= 0 else ""
+        if where == "query" and key in _QUERY_ATTRS and uri.find("%00", eq, end) >= 0:
+            raise UriError(f"the {what} URI {redact(uri)!r} has a {key} with a NUL (%00) in it; remove it")
     for name, get in (("pin-value", lib.p11_kit_uri_get_pin_value), ("pin-source", lib.p11_kit_uri_get_pin_source),
                       ("module-path", lib.p11_kit_uri_get_module_path)):  # fmt: skip
         p = get(handle)
