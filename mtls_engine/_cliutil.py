@@ -8,7 +8,7 @@ import sys
 
 from ._api import MODULE_ENV
 from ._errors import ConfigError, ModuleLoadError
-from ._pin import PinArg, pin_source, prompt_pin
+from ._pin import PinArg, pin_source
 from ._uri import parse
 
 
@@ -73,4 +73,4 @@ def cli_pin(spec: str | None, *uris: str | None) -> PinArg:
             u = parse(text)
             if u.pin_source is not None or u.has_pin_value:
                 return None
-    return prompt_pin
+    return pin_source("prompt")  # its PIN copies are mtls_engine's own, and wiped

@@ -226,7 +226,7 @@ def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytearray
     def get(token: TokenInfo) -> bytearray | None:
         if isinstance(pin, (str, bytes)):
             return _as_pin(pin)
-        if isinstance(pin, _Source):
+        if isinstance(pin, _Source) or pin is prompt_pin:
             return pin(token)  # already a new bytearray of its own
         if callable(pin):
             got = pin(token)
