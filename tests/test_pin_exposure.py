@@ -38,7 +38,7 @@ TOKEN = mtls_engine.TokenInfo("card1", "ACME", "Card 9", "0042", 0, 1)
 # PIN between the characters that cut URIs apart shows as the marker.
 MARK = "Qz7Wx"
 SPECIALS = "#?&;%=/:, +"
-pin_part = st.text(alphabet=string.digits + string.ascii_letters + SPECIALS, max_size=10)
+pin_part = st.text(alphabet=string.digits + string.ascii_letters + SPECIALS + "é€\t", max_size=10)
 pins = st.builds(lambda a, b: a + MARK + b, pin_part, pin_part)
 
 
@@ -95,6 +95,24 @@ def test_no_pin_in_any_shown_form_of_a_uri(pin: str, place: str, encoding: int) 
         pin_getter("0000", parsed)
     except mtls_engine.PinError as exc:
         _assert_hidden(str(exc), pin)
+
+
+@settings(max_examples=200 * SCALE, deadline=None)
+@given(st.binary(max_size=10), st.binary(max_size=10), st.sampled_from(PLACES))
+def test_no_pin_bytes_in_any_shown_form_of_a_uri(head: bytes, tail: bytes, place: str) -> None:
+    """A PIN of any bytes (not UTF-8, NUL, separators), percent-encoded."""
+    pin = head + MARK.encode() + tail
+    encoded = urllib.parse.quote_from_bytes(pin, safe="")
+    forms = [encoded, encoded.lower(), MARK]
+    uri = place.format(encoded)
+    shown = [redact(uri)]
+    try:
+        parsed = parse(uri)
+        shown += [repr(parsed), parsed.safe]
+    except mtls_engine.UriError as exc:
+        shown.append(str(exc))
+    for text in shown:
+        assert not any(form in text for form in forms), text
 
 
 def test_redact_masks_the_whole_value() -> None:
