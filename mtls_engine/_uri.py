@@ -250,6 +250,15 @@ def parse(uri: object, *, what: str = "key") -> ParsedUri:
             f"the {what} URI {redact(uri)!r} does not start with 'pkcs11:'; use an RFC 7512 URI "
             "such as 'pkcs11:token=card1;object=clientkey;type=private'"
         )
+    query_at = uri.find("?")
+    path = uri[7 : len(uri) if query_at < 0 else query_at]
+    if path.startswith(";") or ";;" in path:
+        # p11-kit stops reading at an empty attribute and ignores the rest,
+        # the query included, without an error: the URI would match more.
+        raise UriError(
+            f"the {what} URI {redact(uri)!r} has an empty attribute (a leading ';' or ';;'); p11-kit would "
+            "ignore every attribute after it. Remove the extra ';'"
+        )
     seen: set[str] = set()
     for index, attr in enumerate(_attrs(uri), 1):
         if attr.key not in (_PATH_ATTRS if attr.where == "path" else _QUERY_ATTRS):

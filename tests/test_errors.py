@@ -36,6 +36,8 @@ def _load(pki: Pki, key: str, **kw: object) -> mtls_engine.CardKey:
         ("pkcs11:token=card1;type=banana", "unknown type 'banana'"),
         ("pkcs11:token=card1;object=ec256?frobnicate=1", "unknown query attribute 'frobnicate'"),
         ("pkcs11:Token=card1;object=ec256", "writes 'Token' in capitals; p11-kit knows attribute names in lower case"),
+        ("pkcs11:token=card1;;object=ec256", "p11-kit would ignore every attribute after it"),
+        ("pkcs11:;token=card1;object=ec256", "has an empty attribute"),
         ("pkcs11:token=card1;object=ec\x00256", "NUL character"),
         ("pkcs11:token=card1;object=ec256;type=cert", "must name a private key"),
     ],
