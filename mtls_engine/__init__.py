@@ -23,9 +23,11 @@ from ._errors import (
     PinFinalTry,
     PinIncorrect,
     PinLocked,
+    PinOnCommandLine,
     PinRequired,
     PinWarning,
     Pkcs11Error,
+    ProcessProtectionError,
     TokenNotFound,
     TokenUnavailable,
     UriError,
@@ -73,6 +75,7 @@ try:
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
+    from ._protect import protect_process
     from ._reconnect import reconnect
     from ._server import Rejection, describe_failure, load_crls, pin_of, server_context
 except InterpreterSslError as exc:
@@ -100,9 +103,11 @@ __all__ = [
     "PinFinalTry",
     "PinIncorrect",
     "PinLocked",
+    "PinOnCommandLine",
     "PinRequired",
     "PinWarning",
     "Pkcs11Error",
+    "ProcessProtectionError",
     "Rejection",
     "TokenInfo",
     "TokenNotFound",
@@ -118,6 +123,7 @@ __all__ = [
     "pin_of",
     "pin_source",
     "prompt_pin",
+    "protect_process",
     "reconnect",
     "server_context",
 ]

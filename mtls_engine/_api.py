@@ -26,7 +26,9 @@ from ._errors import (
 from ._lib import consume_errors, ffi, lib
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
+from ._protect import protect_if_asked
 from ._reconnect import Card
+from ._secret import wipe
 from ._uri import ParsedUri, parse
 
 __all__ = ["CardKey", "client_context", "load_card_key"]
@@ -242,6 +244,7 @@ def resolve_card_key(
     *,
     force: bool = False,
 ) -> LoadedKey:
+    protect_if_asked()  # before any PIN is read
     key_uri = parse(key, what="key")
     if key_uri.object_type not in (None, "private"):
         raise UriError(f"the key URI {key_uri.safe!r} must name a private key (type=private)")
@@ -251,10 +254,12 @@ def resolve_card_key(
     mod = Module.load(_module_path(module, key_uri))
     token = mod.find_token(key_uri)
     verified_pin = mod.login(token, get_pin, pin_memory=MEMORY, allow_final_try=force)
-    key_obj = mod.find_private_key(token, key_uri)
-
-    candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
-    pkey = _backends.load_private_key(chosen, mod, token, key_obj, verified_pin)
+    try:
+        key_obj = mod.find_private_key(token, key_uri)
+        candidates, chain_ders, searched = certificate_candidates(mod, token, key_obj, cert_arg)
+        pkey = _backends.load_private_key(chosen, mod, token, key_obj, verified_pin)
+    finally:
+        wipe(verified_pin)
     leaf_der, leaf = pick_leaf(candidates, searched, pkey, key_obj, token)
     notes: tuple[str, ...] = ()
     if key_obj.key_type == lib.CKK_RSA:

@@ -359,7 +359,7 @@ class _EngineBackend:
             return len(self._libraries)
 
     def load_private_key(
-        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
     ) -> Any:
         uri = key_uri(token, key)
         slots = ffi.new("int[4]")
@@ -372,16 +372,13 @@ class _EngineBackend:
             self.done(inst)
 
     def _load(
-        self, inst: _Instance, module: Module, token: TokenInfo, uri: str, pin: bytes | None, unwrapped: int
+        self, inst: _Instance, module: Module, token: TokenInfo, uri: str, pin: bytearray | None, unwrapped: int
     ) -> Any:
         slots = ffi.new("int[4]")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
-        try:
-            pkey = lib.mtls_engine_load_private_key(inst.e, module.path.encode(), int(module.isolated), uri.encode(),
-                                                    pin_buf, len(pin or b""))  # fmt: skip
-        finally:
-            _wipe(pin_buf, pin)
+        pkey = lib.mtls_engine_load_private_key(inst.e, module.path.encode(), int(module.isolated), uri.encode(),
+                                                pin_buf, len(pin or b""))  # fmt: skip
         if pkey == ffi.NULL:
             errors = consume_errors()
             raise ObjectNotFound(
@@ -406,14 +403,10 @@ def _dl_error() -> str:
     return text(why) if why != ffi.NULL else "no reason given"
 
 
-def _pin_buffer(pin: bytes | None) -> Any:
-    """A C copy of a verified PIN for one backend call (ffi.NULL: none)."""
-    return ffi.NULL if pin is None else ffi.new("char[]", pin)
-
-
-def _wipe(buf: Any, pin: bytes | None) -> None:
-    if pin is not None:
-        ffi.memmove(buf, b"\x00" * len(pin), len(pin))
+def _pin_buffer(pin: bytearray | None) -> Any:
+    """A pointer into the caller's copy of a verified PIN for one backend
+    call (ffi.NULL: none): no C copy is made; the caller wipes its copy."""
+    return ffi.NULL if pin is None else ffi.from_buffer("char[]", pin)
 
 
 class _ProviderBackend:
@@ -517,7 +510,7 @@ class _ProviderBackend:
             return self._generation
 
     def load_private_key(
-        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+        self, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
     ) -> Any:
         self.activate(module, fresh=fresh)
         with self._lock:
@@ -527,7 +520,7 @@ class _ProviderBackend:
                 cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)
             return cached
 
-    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytes | None, *, copies: bool) -> Any:
+    def _load(self, libctx: Any, token: TokenInfo, key: KeyObject, pin: bytearray | None, *, copies: bool) -> Any:
         """``copies``: a new instance on a module whose state the old one
         shares may also find the session copy the old instance made of the
         key (pkcs11-provider caches keys that way, and session objects are
@@ -538,10 +531,7 @@ class _ProviderBackend:
         count = ffi.new("int *")
         lib.ERR_clear_error()
         pin_buf = _pin_buffer(pin)
-        try:
-            pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
-        finally:
-            _wipe(pin_buf, pin)
+        pkey = lib.mtls_store_load_private_key(libctx, uri.encode(), pin_buf, len(pin or b""), int(copies), count)
         if pkey == ffi.NULL:
             errors = consume_errors()
             if count[0] > 1:
@@ -593,7 +583,7 @@ _fork.in_child("logging in to the card again", _after_fork)
 
 
 def load_private_key(
-    backend: str, module: Module, token: TokenInfo, key: KeyObject, pin: bytes | None = None, *, fresh: bool = False
+    backend: str, module: Module, token: TokenInfo, key: KeyObject, pin: bytearray | None = None, *, fresh: bool = False
 ) -> Any:
     """The token's key as an EVP_PKEY through ``backend``.  ``pin``: the
     PIN mtls_engine's own login just verified, offered to a backend that

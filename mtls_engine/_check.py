@@ -55,6 +55,7 @@ from ._errors import (
 from ._lib import InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
+from ._secret import wipe
 from ._uri import ParsedUri, format_uri, parse
 
 __all__ = ["Step", "register", "run_check"]
@@ -164,7 +165,7 @@ class Checker:
         self.token: TokenInfo | None = None
         self.key: KeyObject | None = None
         self.pkey: Any = None
-        self._verified_pin: bytes | None = None
+        self._verified_pin: bytearray | None = None
         self.candidates: list[bytes] = []
         self.searched = ""
         self.leaf: x509.Certificate | None = None
@@ -209,6 +210,8 @@ class Checker:
                     fn(st)
             except _Stop as stop:
                 failed = str(stop)
+        wipe(self._verified_pin)  # a step failed between the login and the backend
+        self._verified_pin = None
         return self.steps
 
     # -- the steps ------------------------------------------------------------
@@ -400,7 +403,10 @@ class Checker:
     def _backend_key(self, st: Step) -> None:
         assert self.mod is not None and self.token is not None and self.key is not None
         pin, self._verified_pin = self._verified_pin, None
-        self.pkey = _backends.load_private_key(self.chosen, self.mod, self.token, self.key, pin)
+        try:
+            self.pkey = _backends.load_private_key(self.chosen, self.mod, self.token, self.key, pin)
+        finally:
+            wipe(pin)
         st.ok(f"the {self.chosen} holds a handle to the card key (the key stays on the token)", backend=self.chosen)
 
     def _match(self, st: Step) -> None:

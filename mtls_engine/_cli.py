@@ -20,7 +20,8 @@ from . import _backends, _check, _connect, _listing, _serve
 from ._api import MODULE_ENV
 from ._cliutil import module_arg, write_output
 from ._config import openssl_cnf
-from ._errors import ConfigError, Error, PinWarning
+from ._errors import ConfigError, Error, PinOnCommandLine, PinWarning
+from ._uri import has_pin_value_attribute
 from ._uripem import read_uri_pem, uri_pem
 
 __all__ = ["main"]
@@ -111,9 +112,27 @@ def _log_to_stderr() -> None:
         log.setLevel(logging.WARNING)
 
 
+def refuse_pins_in_arguments(args: argparse.Namespace) -> None:
+    """Raise PinOnCommandLine when a pkcs11: URI argument carries pin-value:
+    a process's arguments are readable by every user (ps, /proc)."""
+    for dest, value in sorted(vars(args).items()):
+        if isinstance(value, str) and has_pin_value_attribute(value):
+            option = "the URI argument" if dest == "uri" else f"--{dest.replace('_', '-')}"
+            raise PinOnCommandLine(
+                f"{option} carries a pin-value, and a PIN on the command line can be read by every user of "
+                "this machine (ps, /proc); nothing was done. Remove pin-value and give the PIN with "
+                "--pin-source env:VAR|file:PATH (or let the command ask on the terminal)"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    try:
+        refuse_pins_in_arguments(args)
+    except PinOnCommandLine as exc:
+        print(f"mtls_engine: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         # A PinWarning (a forced final try) is said once, in the CLI's format.
         warnings.simplefilter("always", PinWarning)

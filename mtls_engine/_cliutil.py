@@ -8,7 +8,7 @@ import sys
 
 from ._api import MODULE_ENV
 from ._errors import ConfigError, ModuleLoadError
-from ._pin import PinArg, pin_source, prompt_pin
+from ._pin import PinArg, pin_source
 from ._uri import parse
 
 
@@ -71,6 +71,6 @@ def cli_pin(spec: str | None, *uris: str | None) -> PinArg:
     for text in uris:
         if text and text[:7].lower() == "pkcs11:":
             u = parse(text)
-            if u.pin_source is not None or u.pin_value is not None:
+            if u.pin_source is not None or u.has_pin_value:
                 return None
-    return prompt_pin
+    return pin_source("prompt")  # its PIN copies are mtls_engine's own, and wiped

@@ -114,6 +114,15 @@ class PinFinalTry(PinLocked):
     """One more wrong PIN would lock the card, so mtls_engine did not try."""
 
 
+class PinOnCommandLine(PinError):
+    """A command-line argument carries a PIN (``pin-value`` in a URI), where
+    every user of the machine can read it; nothing was done."""
+
+
+class ProcessProtectionError(Error):
+    """The system refused to keep this process out of core dumps."""
+
+
 class PinWarning(UserWarning):
     """A login went ahead although the token warned (``force=True`` on a
     token whose PIN is on its final try)."""

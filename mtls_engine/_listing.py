@@ -26,6 +26,7 @@ from ._errors import ModuleLoadError
 from ._lib import lib
 from ._p11 import KeyObject, Module, TokenInfo, _pad, ulong_bytes
 from ._pin import MEMORY, pin_getter
+from ._secret import wipe
 from ._uri import parse
 
 __all__ = ["describe_module", "register"]
@@ -206,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if args.login:
         uri = parse(args.token or "pkcs11:", what="token")
         token = mod.find_token(uri)  # AmbiguousUri when several: never log in to a guess
-        mod.login(token, pin_getter(cli_pin(args.pin_source, args.token), uri), pin_memory=MEMORY,
-                  allow_final_try=args.force)  # fmt: skip
+        wipe(mod.login(token, pin_getter(cli_pin(args.pin_source, args.token), uri), pin_memory=MEMORY,
+                       allow_final_try=args.force))  # fmt: skip
         login_slot = token.slot_id
     data = describe_module(mod, login_slot)
     if args.json:

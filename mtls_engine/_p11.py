@@ -34,6 +34,7 @@ from ._errors import (
 )
 from ._fork import ForkSafeLock
 from ._lib import ffi, lib
+from ._secret import wipe
 from ._uri import ParsedUri
 
 CKR_NAMES = {
@@ -124,7 +125,7 @@ class Module:
         self._sessions: dict[int, int] = {}
         # Tokens logged in through this module, with how: a forked child
         # logs them in again the same way (see after_fork).
-        self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytes | None], Any, bool]] = {}
+        self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytearray | None], Any, bool]] = {}
         self.fork_error: Exception | None = None  # why after_fork failed in this process, if it did
         self._read_info()
         other = lib.mtls_module_function_list(path.encode())
@@ -286,18 +287,18 @@ class Module:
     def login(
         self,
         token: TokenInfo,
-        get_pin: Callable[[TokenInfo], bytes | None],
+        get_pin: Callable[[TokenInfo], bytearray | None],
         *,
         pin_memory: Any,
         allow_final_try: bool = False,
-    ) -> bytes | None:
+    ) -> bytearray | None:
         """Log the token in, at most one C_Login, only when it is safe.
 
         Returns the PIN this C_Login accepted (None when no PIN was used:
         already logged in, no login needed, or a pinpad), so that a backend
         whose connection to the token is separate from this one
         (p11-kit-client.so) can be offered that verified PIN and nothing
-        else."""
+        else; the caller wipes it (``_pin.wipe``) once the backend is done."""
         with self._lock:
             verified = self._login(token, get_pin, pin_memory, allow_final_try)
             self._logins.setdefault(token.slot_id, (token, get_pin, pin_memory, allow_final_try))
@@ -306,11 +307,11 @@ class Module:
     def _login(
         self,
         token: TokenInfo,
-        get_pin: Callable[[TokenInfo], bytes | None],
+        get_pin: Callable[[TokenInfo], bytearray | None],
         pin_memory: Any,
         allow_final_try: bool,
         again: bool = False,
-    ) -> bytes | None:
+    ) -> bytearray | None:
         with self._lock:
             if self.logged_in(token.slot_id):
                 return None
@@ -335,7 +336,6 @@ class Module:
                     PinWarning,
                     stacklevel=4,
                 )
-            known_good: bool | None = None
             if fresh.protected_authentication_path:
                 pin = None  # pinpad reader: the PIN is entered on the reader
             else:
@@ -346,58 +346,67 @@ class Module:
                         "or mtls_engine.pin_source('env:VAR'|'file:PATH'|'prompt')), --pin-source on the "
                         "command line, or add pin-source=file:... to the URI"
                     )
-                if pin_memory.rejected(fresh, pin):
-                    raise PinIncorrect(
-                        f"{fresh} already rejected this PIN in this process; mtls_engine will "
-                        "not offer it again (each wrong try brings the card closer to locking)"
-                    )
-                known_good = again and pin_memory.compare_accepted(fresh, pin)
-                if again and known_good is False:
-                    raise PinIncorrect(
-                        f"{fresh} must log in again in this forked process, and the PIN source now "
-                        "gives another PIN than the one that logged it in before; mtls_engine did "
-                        "not try it (every worker would spend a try). Fix the PIN source and restart"
-                    )
-            session = self.session(token.slot_id)
-            if pin is None:
-                rv = self.fl.C_Login(session, lib.CKU_USER, ffi.NULL, 0)
-            else:
-                buf = ffi.new("unsigned char[]", pin)
-                try:
-                    rv = self.fl.C_Login(session, lib.CKU_USER, buf, len(pin))
-                finally:
-                    ffi.memmove(buf, b"\x00" * len(pin), len(pin))
-            if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
-                if pin is not None and rv == lib.CKR_OK:
-                    pin_memory.accepted(fresh, pin)
-                return pin
-            if rv == lib.CKR_PIN_INCORRECT:
-                if pin is not None:
-                    pin_memory.remember(fresh, pin)
-                after = self.token_info(token.slot_id)
-                state = ""
-                if after.flags & lib.CKF_USER_PIN_LOCKED:
-                    state = " The PIN is now locked."
-                elif after.flags & lib.CKF_USER_PIN_FINAL_TRY:
-                    state = " One try is left before the card locks."
-                elif after.flags & lib.CKF_USER_PIN_COUNT_LOW:
-                    state = " Few tries are left."
-                raise PinIncorrect(
-                    f"{fresh} rejected the PIN (CKR_PIN_INCORRECT); it was tried once and will not "
-                    f"be tried again.{state} Check the PIN before retrying"
-                )
-            if rv == lib.CKR_PIN_LOCKED:
-                raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
-            if rv == lib.CKR_PIN_LEN_RANGE:
-                raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
             try:
-                self._check(rv, "C_Login", f"on {fresh}")
-            except Pkcs11Error as exc:
-                # Not a PIN verdict, and the very PIN that logged in before:
-                # trying it again cannot cost a try (see after_fork).
-                exc.retry_safe = bool(known_good)
+                return self._login_with(token, fresh, pin, pin_memory, again)
+            except BaseException:
+                wipe(pin)  # only a PIN that logged in goes back to the caller
                 raise
-            return None  # not reached: _check raised
+
+    def _login_with(
+        self, token: TokenInfo, fresh: TokenInfo, pin: bytearray | None, pin_memory: Any, again: bool
+    ) -> bytearray | None:
+        """``_login``'s checks on the PIN and its one C_Login (lock held)."""
+        known_good: bool | None = None
+        if pin is not None:
+            if pin_memory.rejected(fresh, pin):
+                raise PinIncorrect(
+                    f"{fresh} already rejected this PIN in this process; mtls_engine will "
+                    "not offer it again (each wrong try brings the card closer to locking)"
+                )
+            known_good = again and pin_memory.compare_accepted(fresh, pin)
+            if again and known_good is False:
+                raise PinIncorrect(
+                    f"{fresh} must log in again in this forked process, and the PIN source now "
+                    "gives another PIN than the one that logged it in before; mtls_engine did "
+                    "not try it (every worker would spend a try). Fix the PIN source and restart"
+                )
+        session = self.session(token.slot_id)
+        if pin is None:
+            rv = self.fl.C_Login(session, lib.CKU_USER, ffi.NULL, 0)
+        else:
+            # A pointer into the caller's bytearray: no C copy to wipe.
+            rv = self.fl.C_Login(session, lib.CKU_USER, ffi.from_buffer("unsigned char[]", pin), len(pin))
+        if rv in (lib.CKR_OK, lib.CKR_USER_ALREADY_LOGGED_IN):
+            if pin is not None and rv == lib.CKR_OK:
+                pin_memory.accepted(fresh, pin)
+            return pin
+        if rv == lib.CKR_PIN_INCORRECT:
+            if pin is not None:
+                pin_memory.remember(fresh, pin)
+            after = self.token_info(token.slot_id)
+            state = ""
+            if after.flags & lib.CKF_USER_PIN_LOCKED:
+                state = " The PIN is now locked."
+            elif after.flags & lib.CKF_USER_PIN_FINAL_TRY:
+                state = " One try is left before the card locks."
+            elif after.flags & lib.CKF_USER_PIN_COUNT_LOW:
+                state = " Few tries are left."
+            raise PinIncorrect(
+                f"{fresh} rejected the PIN (CKR_PIN_INCORRECT); it was tried once and will not "
+                f"be tried again.{state} Check the PIN before retrying"
+            )
+        if rv == lib.CKR_PIN_LOCKED:
+            raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
+        if rv == lib.CKR_PIN_LEN_RANGE:
+            raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
+        try:
+            self._check(rv, "C_Login", f"on {fresh}")
+        except Pkcs11Error as exc:
+            # Not a PIN verdict, and the very PIN that logged in before:
+            # trying it again cannot cost a try (see after_fork).
+            exc.retry_safe = bool(known_good)
+            raise
+        return None  # not reached: _check raised
 
     def after_fork(self, reinitialized: bool) -> None:
         """In a forked child: forget the parent's sessions, initialise the
@@ -432,7 +441,7 @@ class Module:
                 pause = 0.01
                 while True:
                     try:
-                        self._login(token, get_pin, pin_memory, allow_final_try, again=True)
+                        wipe(self._login(token, get_pin, pin_memory, allow_final_try, again=True))
                         break
                     except Pkcs11Error as exc:
                         if (exc.call == "C_Login" and not exc.retry_safe) or time.monotonic() + pause > deadline:

@@ -1,9 +1,23 @@
 """Where a PIN comes from, and the memory of PINs a token already rejected.
 
-A PIN is held as bytes only as long as the login needs it.  A rejected PIN
-is remembered as a keyed hash (key random per process), so the same wrong
-PIN is never sent to the same card twice, whoever asks.  So is the PIN that
-logged a token in: a forked child logs in again only with that PIN.
+Every copy of a PIN that mtls_engine makes is a ``bytearray``, read
+straight into it (a ``file:`` or ``env:`` source, a URI's ``pin-value``) and
+wiped once the login and the backend's key load are done; C calls are given
+a pointer into it, not a copy.  A rejected PIN is remembered only as a keyed
+hash (key random per process), so the same wrong PIN is never sent to the
+same card twice, whoever asks; so is the PIN that logged a token in: a
+forked child logs in again only with that PIN.
+
+What lives on: the *source* of the PIN.  The module's login record keeps the
+``pin=`` argument (or the URI carrying ``pin-value``) for the life of the
+process, because a forked child and a reconnection after the token was lost
+must log in again.  So ``pin="1234"`` keeps that str (which Python cannot
+wipe) in memory until the process ends, and so does a URI with
+``pin-value``; ``pin_source("env:VAR")`` or ``pin_source("file:PATH")`` keeps
+only the variable's name or the path, and reads the PIN again each time it
+is needed.  A PIN typed at a prompt passes through one str from ``getpass``
+that cannot be wiped.  Core dumps of a card-holding process are stopped with
+:func:`mtls_engine.protect_process`.
 """
 
 from __future__ import annotations
@@ -21,9 +35,14 @@ from typing import Union
 from ._errors import PinError, PinRequired
 from ._fork import ForkSafeLock
 from ._p11 import TokenInfo
+from ._secret import utf8_into, wipe
 from ._uri import ParsedUri
 
-PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, None]], None]
+PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, bytearray, None]], None]
+Pin = Union[bytes, bytearray]
+
+_PIN_FILE_MAX = 4096
+_BLANK = frozenset(b" \t\r\n")
 
 
 class PinMemory:
@@ -33,24 +52,29 @@ class PinMemory:
         self._accepted: dict[bytes, bytes] = {}  # token digest -> PIN digest
         self._lock = ForkSafeLock()
 
-    def _digest(self, token: TokenInfo, pin: bytes) -> bytes:
+    def _digest(self, token: TokenInfo, pin: Pin) -> bytes:
         ident = "\x00".join((token.manufacturer, token.model, token.serial, token.label)).encode()
-        return hmac.new(self._key, ident + b"\x00" + pin, hashlib.sha256).digest()
+        h = hmac.new(self._key, digestmod=hashlib.sha256)
+        # In pieces: no ``ident + pin`` copy of the PIN is made.
+        h.update(ident)
+        h.update(b"\x00")
+        h.update(pin)
+        return h.digest()
 
-    def rejected(self, token: TokenInfo, pin: bytes) -> bool:
+    def rejected(self, token: TokenInfo, pin: Pin) -> bool:
         with self._lock:
             return self._digest(token, pin) in self._rejected
 
-    def remember(self, token: TokenInfo, pin: bytes) -> None:
+    def remember(self, token: TokenInfo, pin: Pin) -> None:
         with self._lock:
             self._rejected.add(self._digest(token, pin))
 
-    def accepted(self, token: TokenInfo, pin: bytes) -> None:
+    def accepted(self, token: TokenInfo, pin: Pin) -> None:
         """``pin`` logged ``token`` in."""
         with self._lock:
             self._accepted[self._digest(token, b"")] = self._digest(token, pin)
 
-    def compare_accepted(self, token: TokenInfo, pin: bytes) -> bool | None:
+    def compare_accepted(self, token: TokenInfo, pin: Pin) -> bool | None:
         """Whether ``pin`` is the PIN that logged ``token`` in before (None:
         no PIN did, in this process or the one it was forked from)."""
         with self._lock:
@@ -61,32 +85,65 @@ class PinMemory:
 MEMORY = PinMemory()
 
 
-def _as_bytes(pin: str | bytes) -> bytes:
-    return pin.encode("utf-8") if isinstance(pin, str) else bytes(pin)
+def _as_pin(pin: str | bytes | bytearray) -> bytearray:
+    return utf8_into(pin) if isinstance(pin, str) else bytearray(pin)
 
 
-def _read_pin_file(path: str, origin: str) -> bytes:
+def _read_pin_file(path: str, origin: str) -> bytearray:
+    """The PIN on the file's first line (a final newline, CRLF too, is not
+    part of it).  A file with more lines that are not blank is refused
+    before any login: which line is the PIN would be a guess, and a wrong
+    guess costs a try."""
+    buf = bytearray(_PIN_FILE_MAX + 1)
     try:
-        with open(path, "rb") as f:
-            data = f.read(4096)
+        with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
+            n = 0
+            while n < len(buf):
+                got = f.readinto(view[n:])
+                if not got:
+                    break
+                n += got
     except OSError as exc:
+        wipe(buf)
         raise PinError(f"cannot read the PIN file named by {origin} ({path}): {exc.strerror}") from None
-    pin = data.rstrip(b"\r\n")
-    if not pin:
-        raise PinError(f"the PIN file named by {origin} ({path}) is empty")
-    return pin
+    try:
+        if n > _PIN_FILE_MAX:
+            raise PinError(
+                f"the PIN file named by {origin} ({path}) is larger than {_PIN_FILE_MAX} bytes; it must hold "
+                "the PIN on its first line and nothing else"
+            )
+        eol = buf.find(b"\n", 0, n)
+        end = n if eol < 0 else eol
+        if end > 0 and buf[end - 1] == 0x0D:
+            end -= 1
+        rest = range(n if eol < 0 else eol + 1, n)
+        if any(buf[i] not in _BLANK for i in rest):
+            raise PinError(
+                f"the PIN file named by {origin} ({path}) has more than one line; it must hold the PIN on "
+                "its first line only (mtls_engine did not log in: which line is the PIN would be a guess)"
+            )
+        if end == 0:
+            raise PinError(f"the PIN file named by {origin} ({path}) is empty")
+        with memoryview(buf) as view:
+            return bytearray(view[:end])
+    finally:
+        wipe(buf)
 
 
-def _read_pin_env(var: str) -> bytes:
-    value = os.environ.get(var)
+def _read_pin_env(var: str) -> bytearray:
+    value: str | bytes | None
+    if os.supports_bytes_environ:
+        value = os.environb.get(var.encode())  # the environment's own bytes: no new copy
+    else:
+        value = os.environ.get(var)
     if value is None:
         raise PinRequired(f"the environment variable {var} (from env:{var}) is not set; set it to the PIN")
     if not value:
         raise PinRequired(f"the environment variable {var} (from env:{var}) is empty; set it to the PIN")
-    return value.encode("utf-8")
+    return _as_pin(value)
 
 
-def prompt_pin(token: TokenInfo) -> bytes:
+def prompt_pin(token: TokenInfo) -> bytearray:
     """Ask for the PIN on the terminal, without echo.  Never guesses: with
     no terminal (a service, a pipe, CI) it raises PinRequired instead."""
     if not (sys.stdin is not None and sys.stdin.isatty()):
@@ -97,29 +154,30 @@ def prompt_pin(token: TokenInfo) -> bytes:
     pin = getpass.getpass(f"PIN for {token}: ")
     if not pin:
         raise PinRequired(f"no PIN was entered for {token}")
-    return pin.encode("utf-8")
+    return utf8_into(pin)
 
 
 class _Source:
     """A PIN source as a callable ``pin=``: read when (and only when) a login
     needs it.  Its repr names the source, never the PIN."""
 
-    def __init__(self, spec: str, read: Callable[[TokenInfo], bytes]) -> None:
+    def __init__(self, spec: str, read: Callable[[TokenInfo], bytearray]) -> None:
         self.spec = spec
         self._read = read
 
-    def __call__(self, token: TokenInfo) -> bytes:
+    def __call__(self, token: TokenInfo) -> bytearray:
         return self._read(token)
 
     def __repr__(self) -> str:
         return f"pin_source({self.spec!r})"
 
 
-def pin_source(spec: str) -> Callable[[TokenInfo], bytes]:
+def pin_source(spec: str) -> Callable[[TokenInfo], bytearray]:
     """A ``pin=`` callable from a PIN source: ``env:VAR`` (an environment
-    variable), ``file:PATH`` (a file's first line) or ``prompt`` (ask on the
-    terminal).  A PIN itself is never accepted here, so it cannot end up in
-    a process's argument list."""
+    variable), ``file:PATH`` (a file's first line; more lines are refused)
+    or ``prompt`` (ask on the terminal).  It keeps no PIN: each call reads
+    the source again into a new bytearray.  A PIN itself is never accepted
+    here, so it cannot end up in a process's argument list."""
     if not isinstance(spec, str):
         raise PinError(f"a PIN source is a str such as 'env:VAR' or 'file:PATH', not {type(spec).__name__}")
     kind, sep, rest = spec.partition(":")
@@ -147,15 +205,16 @@ def _describe_spec(spec: str) -> str:
     return f"({len(spec)} characters, not shown in case it is a PIN)"
 
 
-def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytes | None]:
+def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytearray | None]:
     """A function giving the PIN for a token, from ``pin`` or else from a
-    URI's ``pin-value`` / ``pin-source``.  Giving a PIN in two places is an
-    error: it is never clear which one the user meant."""
+    URI's ``pin-value`` / ``pin-source``, as a new bytearray for the caller
+    to :func:`wipe`.  Giving a PIN in two places is an error: it is never
+    clear which one the user meant."""
     sources = []
     if pin is not None:
         sources.append("pin=")
     for u in uris:
-        if u.pin_value is not None:
+        if u.has_pin_value:
             sources.append("the URI's pin-value")
         if u.pin_source is not None:
             sources.append("the URI's pin-source")
@@ -164,19 +223,22 @@ def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytes | N
     if pin is not None and not (isinstance(pin, (str, bytes)) or callable(pin)):
         raise PinError(f"pin= must be a str, bytes or a callable, not {type(pin).__name__}")
 
-    def get(token: TokenInfo) -> bytes | None:
+    def get(token: TokenInfo) -> bytearray | None:
         if isinstance(pin, (str, bytes)):
-            return _as_bytes(pin)
+            return _as_pin(pin)
+        if isinstance(pin, _Source) or pin is prompt_pin:
+            return pin(token)  # already a new bytearray of its own
         if callable(pin):
             got = pin(token)
             if got is None:
                 return None
-            if not isinstance(got, (str, bytes)):
+            if not isinstance(got, (str, bytes, bytearray)):
                 raise PinError(f"the PIN callback returned {type(got).__name__}; return a str, bytes or None")
-            return _as_bytes(got)
+            return _as_pin(got)
         for u in uris:
-            if u.pin_value is not None:
-                return _as_bytes(u.pin_value)
+            value = u.pin_value_bytes()
+            if value is not None:
+                return value
             source = u.pin_source
             if source is not None:
                 if source.startswith("file:"):

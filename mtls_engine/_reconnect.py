@@ -64,6 +64,7 @@ from ._fork import ForkSafeLock, in_child
 from ._lib import consume_errors, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY
+from ._secret import wipe
 from ._uri import ParsedUri
 
 __all__ = ["RETRY_INTERVAL", "Card", "reconnect"]
@@ -97,7 +98,7 @@ class Card:
         key: KeyObject,
         leaf: Any,
         backend: str,
-        get_pin: Callable[[TokenInfo], bytes | None],
+        get_pin: Callable[[TokenInfo], bytearray | None],
         force: bool,
         pkey: Any,
     ) -> None:
@@ -266,8 +267,11 @@ class Card:
                 "token back, or load the key again"
             )
         pin = mod.login(token, self._get_pin, pin_memory=MEMORY, allow_final_try=self._force)
-        key = mod.find_private_key(token, self.key_uri)
-        pkey = _backends.load_private_key(self.backend, mod, token, key, pin, fresh=True)
+        try:
+            key = mod.find_private_key(token, self.key_uri)
+            pkey = _backends.load_private_key(self.backend, mod, token, key, pin, fresh=True)
+        finally:
+            wipe(pin)
         matches = bool(lib.X509_check_private_key(self.leaf, pkey))
         consume_errors()
         if matches and not _sign_test(pkey):

@@ -40,7 +40,7 @@ def _key_uri_for_pem(uri: str) -> str:
     carries neither a PIN (the file is not encrypted) nor a module (the
     module comes from openssl.cnf)."""
     parsed = parse(uri, what="key")
-    if parsed.pin_value is not None:
+    if parsed.has_pin_value:
         raise ConfigError(
             "the key URI carries pin-value: a PIN must never be written into a key file (it is not "
             "encrypted); remove pin-value and give the PIN in openssl.cnf "

@@ -39,9 +39,13 @@ def run_module(
 
 
 def count_calls(log: Path, name: str) -> int:
-    """How many times the pkcs11-spy log shows the PKCS#11 function ``name``."""
+    """How many times the pkcs11-spy log shows the PKCS#11 function ``name``.
+    A missing log raises: it means the spy never ran, not that nothing was
+    called."""
     if not log.exists():
-        return 0
+        raise FileNotFoundError(
+            f"no pkcs11-spy log at {log}: the spy never ran (was the module the spy, with PKCS11SPY_OUTPUT set?)"
+        )
     n = 0
     for line in log.read_text(errors="replace").splitlines():
         # spy lines look like: "5: C_Login" followed by the call's details

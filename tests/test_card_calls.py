@@ -72,3 +72,13 @@ def test_one_card_signature_per_handshake_and_nothing_else(
         {**NOTHING_ELSE, "C_SignInit": 1, "C_Sign": 1},
         {**NOTHING_ELSE, "C_SignInit": 1, "C_SignUpdate": 1, "C_SignFinal": 1},
     ), (one, six)
+
+
+def test_a_missing_spy_log_is_not_zero_calls(tmp_path: Path) -> None:
+    """count_calls on a log the spy never wrote raises instead of reading 0,
+    which would pass every "no C_Login happened" check."""
+    with pytest.raises(FileNotFoundError, match="the spy never ran"):
+        count_calls(tmp_path / "never-written.log", "C_Login")
+    log = tmp_path / "spy.log"
+    log.write_text("0: C_Initialize\n2026-12-05 10:00:00.000\n1: C_Login\n[in] hSession = 0x1\n")
+    assert (count_calls(log, "C_Login"), count_calls(log, "C_Sign")) == (1, 0)

@@ -62,9 +62,13 @@ def test_uri_pem_refusals(uri: str, error: type[Exception], message: str) -> Non
     assert message in str(exc.value)
     assert "12345678" not in str(exc.value)
     proc = run_cli("uri-pem", uri)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"mtls_engine: {error.__name__}: ")
-    assert message in proc.stderr
+    if "pin-value" in uri:  # a PIN in the arguments: refused before anything else, as a usage error
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("mtls_engine: PinOnCommandLine: the URI argument carries a pin-value")
+    else:
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"mtls_engine: {error.__name__}: ")
+        assert message in proc.stderr
     assert "12345678" not in proc.stderr + proc.stdout
 
 

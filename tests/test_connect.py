@@ -315,13 +315,18 @@ def test_missing_key_is_a_usage_error(pki: Pki, capsys: pytest.CaptureFixture[st
     assert "--key" in err
 
 
-def test_pin_value_in_uri_is_never_printed(pki: Pki, server: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pin_value_in_uri_is_refused_and_never_printed(
+    pki: Pki, server: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PIN in --key would sit in the process's arguments, readable by every
+    user: connect refuses it as a usage error and says what to use."""
     key = pki.key_uri(KeyKind.P256) + f"?pin-value={pki.card1.pin}"
     code = main(["connect", f"https://localhost:{server}/", "--key", key, "--module", pki.module,
                  "--cafile", str(pki.ca_file), "--trace"])  # fmt: skip
     out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "pin-value=***" in err
+    assert code == 2, err
+    assert "PinOnCommandLine: --key carries a pin-value" in err and "--pin-source env:VAR|file:PATH" in err
+    assert out == ""
     assert_no_pin(pki, out + err)
 
 

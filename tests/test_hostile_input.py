@@ -6,17 +6,24 @@ message repeats a PIN-like secret it was given."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import string
+import urllib.parse
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mtls_engine
 from mtls_engine._api import _read_cert_file
 from mtls_engine._config import openssl_cnf
+from mtls_engine._lib import lib
 from mtls_engine._server import access_rule, pin_rule, present_matcher, read_crls
 from mtls_engine._softhsm import CA, KeyKind, TokenStore
 from mtls_engine._uri import parse
@@ -56,36 +63,59 @@ structured_uri = st.builds(_uri, st.lists(st.tuples(attribute, value), max_size=
                            st.lists(st.tuples(attribute, value), max_size=3))  # fmt: skip
 
 
+def _query_values(uri: str) -> dict[str, str]:
+    """Each query attribute's raw text, read independently of mtls_engine."""
+    if "?" not in uri:
+        return {}
+    out = {}
+    for part in re.split(r"[&;]", uri.split("?", 1)[1]):
+        key, _, raw = part.partition("=")
+        out[key.strip().lower()] = raw
+    return out
+
+
+def _decoded(raw: str) -> str:
+    """A value as p11-kit reads it: percent-decoded, whitespace skipped."""
+    return urllib.parse.unquote_to_bytes(re.sub(r"[ \t\r\n\v\f]", "", raw)).decode("utf-8")
+
+
 @SETTINGS
 @given(st.one_of(uri_chars.map(lambda t: "pkcs11:" + t), well_formed_uri, structured_uri, st.text(max_size=80)))
 def test_uris_parse_or_raise_uri_error(uri: str) -> None:
     try:
         parsed = parse(uri)
     except mtls_engine.UriError as exc:
+        assert str(exc).startswith("the key URI ")
         assert "pin-value=" not in str(exc) or "pin-value=***" in str(exc)
         return
-    # what parsed can be described and re-masked without error
+    # what parsed reads back is what the URI says, and every query value is masked
+    query = _query_values(uri)
+    for name, value in (("pin-value", parsed.pin_value), ("pin-source", parsed.pin_source),
+                        ("module-path", parsed.module_path)):  # fmt: skip
+        assert value == (_decoded(query[name]) if name in query else None), name
+    assert parsed.has_pin_value == ("pin-value" in query)
     assert parsed.safe.lower().startswith("pkcs11:")
-    assert isinstance(parsed.describe_object(), str)
-    assert (parsed.pin_value, parsed.pin_source, parsed.module_path) is not None  # readable as text
-    if parsed.pin_value is not None:
-        assert "pin-value=***" in parsed.safe.lower()
+    shown_query = parsed.safe.split("?", 1)[1] if "?" in parsed.safe else ""
+    assert all(part.endswith("=***") or part == "***" for part in filter(None, shown_query.split("&")))
+    path_keys = [p.partition("=")[0].strip().lower() for p in uri[7:].split("?", 1)[0].split(";") if p]
+    assert parsed.has_object_attrs == any(k in ("object", "id") for k in path_keys)
+    assert (parsed.describe_object() == "any object") == (not {"object", "id", "type"} & set(path_keys))
 
 
 @SETTINGS
 @given(st.integers(min_value=1, max_value=200_000))
 def test_huge_uri_values(n: int) -> None:
-    try:
-        parse("pkcs11:object=" + "a" * n + ";type=private")
-    except mtls_engine.UriError:
-        pass
+    """A long label is kept whole: matching uses all of it."""
+    parsed = parse("pkcs11:object=" + "a" * n + ";type=private")
+    assert parsed.object_type == "private"
+    assert (lib.CKA_LABEL, b"a" * n) in parsed.object_template()
 
 
 @SETTINGS
-@given(st.text(max_size=60))
+@given(st.one_of(st.text(max_size=60), st.sampled_from(["env:", "file:", "prompt"]).map(lambda k: k + "X")))
 def test_pin_sources(spec: str) -> None:
     try:
-        mtls_engine.pin_source(spec)
+        source = mtls_engine.pin_source(spec)
     except mtls_engine.PinError as exc:
         if len(spec) >= 4 and ":" not in spec:
             # a PIN typed by mistake is not echoed: the message is the fixed
@@ -95,17 +125,118 @@ def test_pin_sources(spec: str) -> None:
                 f"unknown PIN source ({len(spec)} characters, not shown in case it is a PIN); use env:VAR, "
                 "file:PATH or prompt (a PIN itself is never accepted here)"
             )
+        else:
+            assert str(exc).startswith(("unknown PIN source ", f"env:{spec[4:]} does not name"))
         return
+    # accepted: one of the three kinds, named by its repr and nothing else
+    kind, _, rest = spec.partition(":")
+    assert kind.lower() in ("env", "file", "prompt")
+    assert (kind.lower() == "prompt") == (rest == "")
+    if kind.lower() == "env":
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+    assert repr(source) == ("pin_source('prompt')" if kind.lower() == "prompt" else f"pin_source({spec!r})")
+
+
+def _fuzz_client_cert() -> x509.Certificate:
+    """A client certificate with a subject, a serial and SANs of each kind."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name.from_rfc4514_string("CN=fuzz client,O=Fuzz")
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(0x1F2E3D).not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2040, 1, 1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("fuzz.example"), x509.RFC822Name("fuzz@example.org"),
+                                                    x509.UniformResourceIdentifier("urn:fuzz:1")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+
+
+FUZZ_CERT: list[x509.Certificate] = []
+
+
+def _admits(entries: list[str], cert: x509.Certificate) -> bool:
+    """The oracle: whether an allow= list names this certificate."""
+    for entry in entries:
+        kind, _, value = entry.partition(":")
+        kind = kind.lower()
+        if kind == "subject" and x509.Name.from_rfc4514_string(value) == cert.subject:
+            return True
+        if kind == "serial" and int(value.replace(":", ""), 16) == cert.serial_number:
+            return True
+        if (kind, value.lower()) in {("dns", "fuzz.example"), ("email", "fuzz@example.org")}:
+            return True
+        if (kind, value) == ("uri", "urn:fuzz:1"):
+            return True
+    return False
+
+
+identity = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["subject:CN=fuzz client,O=Fuzz", "subject:O=Fuzz,CN=fuzz client", "serial:1f2e3d",
+                     "serial:1F:2E:3D", "serial:1f2e3e", "dns:FUZZ.example", "dns:other.example",
+                     "email:fuzz@example.org", "uri:urn:fuzz:1", "uri:URN:fuzz:1", "ip:1.2.3.4"]),
+)  # fmt: skip
+host = st.one_of(st.text(max_size=30), st.sampled_from(["fuzz.example", "*.example", "a.fuzz.example", "127.0.0.1",
+                                                         "::1", "[::1]", "*.", "*.*.x", "x/y"]))  # fmt: skip
 
 
 @SETTINGS
-@given(st.lists(st.text(max_size=30), max_size=5))
-def test_access_rules_present_to_and_pins(entries: list[str]) -> None:
-    for build in (access_rule, present_matcher, pin_rule):
-        try:
-            build(entries)
-        except mtls_engine.ConfigError:
-            pass
+@given(st.lists(identity, max_size=5))
+def test_access_rules(entries: list[str]) -> None:
+    if not FUZZ_CERT:
+        FUZZ_CERT.append(_fuzz_client_cert())
+    try:
+        rule = access_rule(entries)
+    except mtls_engine.ConfigError as exc:
+        assert "allow= entry" in str(exc) or "RFC 4514" in str(exc) or "allow=" in str(exc)
+        return
+    assert rule is not None
+    assert rule(FUZZ_CERT[0]) is _admits(entries, FUZZ_CERT[0])
+
+
+@SETTINGS
+@given(st.lists(host, max_size=5), host)
+def test_present_to(entries: list[str], asked: str) -> None:
+    try:
+        match = present_matcher(entries)
+    except mtls_engine.ConfigError as exc:
+        assert "present_to= entry" in str(exc)
+        return
+    names = [e.strip().lower().rstrip(".") for e in entries]
+    for name in names:
+        if name.startswith("*."):
+            assert match("host" + name[1:]) and match("a.b" + name[1:])  # any name under the domain ...
+        else:
+            assert match(name) and match(name + ".")  # exact, and with a final dot
+            if name.isascii():
+                assert match(name.upper())  # in any case
+    # ... and nothing that is not listed
+    plain = asked.strip().lower().rstrip(".")
+    listed = plain in names or any(n.startswith("*.") and plain.endswith(n[1:]) for n in names)
+    if not listed and not any(c in plain for c in "[]:") and plain == asked:
+        assert not match(asked)
+
+
+@SETTINGS
+@given(st.lists(st.one_of(st.text(max_size=50), st.just("sha256/" + "A" * 43 + "="), st.just("ab" * 32)),
+                max_size=4))  # fmt: skip
+def test_server_pins(entries: list[str]) -> None:
+    if not FUZZ_CERT:
+        FUZZ_CERT.append(_fuzz_client_cert())
+    try:
+        rule = pin_rule(entries)
+    except mtls_engine.ConfigError as exc:
+        assert "server pin" in str(exc) or "server_pins= is empty" in str(exc)
+        return
+    assert entries  # an empty list is refused
+    # none of these pins is this certificate's key or fingerprint
+    assert rule(FUZZ_CERT[0]) is False
+
+
+def _cnf_string(value: str) -> str:
+    """A value of openssl.cnf as OpenSSL reads a double-quoted string."""
+    assert value.startswith('"') and value.endswith('"'), value
+    return re.sub(r"\\(.)", r"\1", value[1:-1])
 
 
 @SETTINGS
@@ -116,8 +247,20 @@ def test_config_arguments(module: str, backend: str, pin_source: str | None) -> 
     try:
         text = openssl_cnf(module, backend, engine_so="/e/pkcs11.so", provider_so="/p/pkcs11.so", pin_source=pin_source)
     except mtls_engine.ConfigError:
+        assert any(c in module for c in "\n\r\0") or pin_source is not None
         return
-    assert isinstance(text, str)
+    # OpenSSL's reading of the file: one setting per line, whatever the path holds
+    pairs = []
+    for line in text.split("\n"):
+        if not line or line.startswith("#") or re.fullmatch(r"\[[a-z_0-9]+\]", line):
+            continue
+        key, sep, value = line.partition(" = ")
+        assert sep and re.fullmatch(r"[A-Za-z_.0-9-]+", key), line
+        pairs.append((key, value))
+    paths = [_cnf_string(v) for k, v in pairs if k in ("MODULE_PATH", "pkcs11-module-path")]
+    assert paths == [module] * (2 if backend == "both" else 1)
+    pins = [_cnf_string(v) for k, v in pairs if k == "pkcs11-module-token-pin"]
+    assert pins == ([pin_source] if pin_source is not None and backend != "engine" else [])
 
 
 @settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -150,6 +293,7 @@ def test_named_refusals_found_by_the_fuzzer() -> None:
         ("pkcs11:object=k?pin-value=%80", r"has a pin-value that is not UTF-8 text once percent-decoded"),
         ("pkcs11:object=k?pin-source=%ff", r"has a pin-source that is not UTF-8"),
         ("pkcs11:object=k?pin-value=1&pin-value=2", r"gives 'pin-value' twice; give it once"),
+        ("pkcs11:object=k?pin-value=12%0034", r"has a pin-value with a NUL \(%00\) in it; remove it"),
         ("pkcs11:object=\ud800", r"is not valid Unicode text"),
     ]:
         with pytest.raises(mtls_engine.UriError, match=message) as info:

@@ -103,3 +103,16 @@ def test_prompt_without_a_terminal_refuses(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("getpass.getpass", no_prompt)
     with pytest.raises(mtls_engine.PinRequired, match="there is no terminal to ask on; give it with --pin-source"):
         mtls_engine.prompt_pin(TOKEN)
+
+
+def test_pin_memory_digest_is_the_keyed_hash_of_token_and_pin() -> None:
+    """Fed in pieces (no token + PIN copy is built), the digest is still the
+    HMAC-SHA256 of the token's identity, a NUL and the PIN."""
+    import hashlib
+    import hmac
+
+    memory = PinMemory()
+    ident = b"ACME\x00Card 9\x000042\x00card1"
+    for pin in (b"1234", bytearray(b"1234"), b""):
+        expected = hmac.new(memory._key, ident + b"\x00" + bytes(pin), hashlib.sha256).digest()
+        assert memory._digest(TOKEN, pin) == expected

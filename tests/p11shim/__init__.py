@@ -28,6 +28,7 @@ from pathlib import Path
 __all__ = [
     "ShimUnavailable",
     "build",
+    "card_windows",
     "count",
     "count_by_process",
     "read_log",
@@ -156,6 +157,22 @@ def count_by_process(path: str | os.PathLike[str], name: str) -> dict[int, int]:
 def count(path: str | os.PathLike[str], name: str) -> int:
     """How many calls of ``name`` the shim log shows."""
     return sum(1 for n, _, _ in read_log(path) if n == name)
+
+
+def card_windows(entries: list[tuple[int, str, int, str]]) -> list[tuple[int, int, int]]:
+    """The slow card's waits (``sign_delay_ms``) in a log read by
+    :func:`read_log_pids`: (thread, index of card_busy, index of card_done),
+    the thread as Python's ``threading.get_ident()`` names it."""
+    open_: dict[tuple[int, str], int] = {}
+    out = []
+    for i, (pid, name, _, rest) in enumerate(entries):
+        if name in ("card_busy", "card_done"):
+            key = (pid, rest)
+            if name == "card_busy":
+                open_[key] = i
+            else:
+                out.append((int(rest.removeprefix("thread=")), open_.pop(key), i))
+    return out
 
 
 def signatures(path: str | os.PathLike[str]) -> int:

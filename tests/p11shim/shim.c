@@ -450,13 +450,19 @@ static CK_RV shim_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mech, CK_
 }
 
 /* The slow card: sleep in the calling thread only (no lock held), so
- * concurrent signatures overlap as they would on several cards. */
+ * concurrent signatures overlap as they would on several cards.  The log
+ * gets a card_busy and a card_done line around the wait, naming the thread
+ * (pthread_self, which is Python's threading.get_ident()): a test can then
+ * tell which thread the card held, and what else the process logged
+ * meanwhile. */
 static void card_delay(void)
 {
     struct timespec t = {sign_delay_ms / 1000, (sign_delay_ms % 1000) * 1000000L};
 
+    log_call("card_busy", CKR_OK, "thread=%lu", (unsigned long)pthread_self());
     while (nanosleep(&t, &t) != 0 && errno == EINTR)
         ;
+    log_call("card_done", CKR_OK, "thread=%lu", (unsigned long)pthread_self());
 }
 
 static CK_RV shim_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR sig,
