@@ -43,6 +43,11 @@ IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may stay silent
 POLL_INTERVAL = 0.25  # how soon the main loop notices a signal
 LINGER_TIMEOUT = 2.0  # seconds a refused client has to read the alert ...
 LINGER_BYTES = 65536  # ... and what is read from it meanwhile, at most
+CLOSE_TIMEOUT = 2.0  # seconds a served client has to answer the server's close_notify
+# Connections the kernel holds for accept(): socketserver's default of 5
+# made a burst of clients wait for a SYN retransmission (about 1 s).  The
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
 
 _out_lock = threading.Lock()
 _thread_state = threading.local()
@@ -98,6 +103,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mtls_engine-serve"
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT
+    # A buffered wfile: headers and body leave in one write (one TLS record
+    # for a small answer) when handle_one_request (or finish) flushes it.
+    wbufsize = 16384
     connection: ssl.SSLSocket
     _subject: str | None = None  # the accepted client's, for the access log
 
@@ -131,6 +139,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     timeout = POLL_INTERVAL
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
@@ -165,6 +174,7 @@ class Server(http.server.ThreadingHTTPServer):
                 _linger(tls)
                 return
             Handler(tls, client_address, self)
+            _close_notify(tls)
         finally:
             tls.close()
 
@@ -173,6 +183,23 @@ class Server(http.server.ThreadingHTTPServer):
         one line, no traceback."""
         exc = sys.exc_info()[1]
         say(f"connection from {client_address[0]}:{client_address[1]} ended: {_describe(exc)}")
+
+
+def _close_notify(sock: ssl.SSLSocket) -> None:
+    """End a served connection the TLS way: send close_notify, then read
+    the client's (CLOSE_TIMEOUT at most) before the socket closes.
+
+    Closing with the client's data unread (its close_notify, a request
+    sent after "Connection: close") makes the kernel send a reset, and the
+    client's kernel may then drop the answer it had not read yet."""
+    try:
+        sock.settimeout(CLOSE_TIMEOUT)
+        sock.unwrap()  # sends close_notify, then waits for the client's
+    except ssl.SSLError as exc:
+        if exc.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
+            _linger(sock)  # the client sent more: read it away, FIN, no reset
+    except (OSError, ValueError):
+        pass  # the client hung up or stayed silent: nothing left to read
 
 
 def _linger(sock: ssl.SSLSocket) -> None:
