@@ -35,8 +35,7 @@ TOOL_TIMEOUT = 60
 VERSIONS = ("TLSv1.2", "TLSv1.3")
 # Two HTTP/1.1 requests on one connection; the second asks the server to close it.
 TWO_REQUESTS = (
-    "GET /first HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    "GET /second HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    "GET /first HTTP/1.1\r\nHost: localhost\r\n\r\nGET /second HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 )
 
 
@@ -188,7 +187,7 @@ def assert_one_record_each(out: str) -> None:
     for i in starts:
         end = next(j for j in range(i, len(lines)) if lines[j].startswith("{"))
         inside = [line for line in lines[i : end + 1] if line.startswith(("<<<", ">>>"))]
-        assert inside == [], f"an answer spread over more than one record:\n" + "\n".join(lines[i : end + 1])
+        assert inside == [], "an answer spread over more than one record:\n" + "\n".join(lines[i : end + 1])
         before = next(line for line in reversed(lines[:i]) if line.startswith("<<<"))
         assert "RecordHeader" in before or "InnerContent" in before, before
 
@@ -285,9 +284,7 @@ def test_python_client_keep_alive_then_close_notify_and_fin(
     assert peers["/first"] == peers["/second"], server.log
 
 
-def test_client_data_after_the_last_request_is_read_not_reset(
-    pki: Pki, server: Serve, file_client: Client
-) -> None:
+def test_client_data_after_the_last_request_is_read_not_reset(pki: Pki, server: Serve, file_client: Client) -> None:
     """A client that sends more after a "Connection: close" request (here,
     once the answer has come) still gets close_notify and a FIN: the server
     reads its data away instead of closing on it (the kernel would reset)."""
@@ -318,9 +315,7 @@ CLIENTS = 100
 
 
 @pytest.mark.parametrize("key", ["file", "card"])
-def test_a_hundred_clients_at_once_are_all_served(
-    pki: Pki, server: Serve, file_client: Client, key: str
-) -> None:
+def test_a_hundred_clients_at_once_are_all_served(pki: Pki, server: Serve, file_client: Client, key: str) -> None:
     # socketserver's default backlog of 5 dropped the SYNs of a burst (the
     # clients waited for a retransmission, a second or more).
     assert listen_backlog(server.port) >= CLIENTS
