@@ -427,11 +427,19 @@ def tables(result: dict[str, Any]) -> str:
             f"{sum(s['errors'] for s in per[kind])} | {lone:.1f} | {cpu:.2f} / {lone_cpu:.2f} | {client:.2f} |"
         )
     serve_cpu = sum(r["serve"]["cpu_s"] for r in rounds) / len(rounds) * 1e3
+
+    def per_cpu(kind: str) -> float:
+        """p99 per second of the server's own CPU in the burst: the same for
+        two servers whose latency is their CPU on a shared core; higher for
+        serve would be time lost to the GIL or to thread scheduling."""
+        return float(statistics.median(summary(r[kind]["burst"])["p99_ms"] / 1e3 / r[kind]["cpu_s"] for r in rounds))
+
     lines += [
         "",
         f"serve's CPU for a burst: {serve_cpu:.0f} ms on average (on one core; its p99 above is the time the last "
         f"client waits); starting a Python thread: {result['thread_start_us']:.0f} µs, "
-        f"{result['thread_start_us'] * n / 1e3:.1f} ms for {n}.",
+        f"{result['thread_start_us'] * n / 1e3:.1f} ms for {n}. p99 per unit of the server's own CPU in the burst: "
+        f"serve {per_cpu('serve'):.2f}, nginx {per_cpu('nginx'):.2f}.",
         "",
         "Commands: " + "; ".join(f"`{v}`" for v in result["commands"].values()) + ".",
         "",
@@ -458,7 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 rounds; results beside the JSON, not in docs/")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--markdown", type=Path, help="default: docs/benchmarks.md (--quick: in --output)")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only write the table of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        write_markdown(args.markdown or ROOT / "docs" / "benchmarks.md", tables(json.loads(args.render.read_text())))
+        return 0
     if args.quick:
         args.rounds = min(args.rounds, 3)
     try:
