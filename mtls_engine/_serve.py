@@ -161,7 +161,10 @@ class Server(http.server.ThreadingHTTPServer):
         # Every answer leaves in one write, so Nagle's algorithm has nothing
         # to merge: it would only hold the answer to a pipelined request
         # until the client's delayed ACK of the one before (about 40 ms).
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is gone already: the handshake will say so
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         except (ssl.SSLError, OSError) as exc:
