@@ -4,10 +4,10 @@ and against nginx (a C server on the same OpenSSL) in the same run.
 Every server listens on loopback with the same certificates (an EC P-256
 server key in a file, client certificates from one CA, verified in every
 handshake); each round starts a burst of N clients (default 100) at one
-instant against each server in turn, in a random order per round, then one
-client at a time (10) against each; the latency of a client is the time from that
-instant to the last byte of its answer (connect, full TLS 1.3 handshake with
-a client certificate, one GET, answer read).  The servers:
+instant against each server in turn, in a random order per round, then 10
+clients one after the other; the latency of a client is the time from the
+burst's start to the last byte of its answer (connect, full TLS 1.3
+handshake with a client certificate, one GET, answer read).  The servers:
 
 - ``serve``: ``python -m mtls_engine serve`` as shipped (listen backlog
   socket.SOMAXCONN, a thread per connection);
@@ -27,13 +27,15 @@ are reported too.  Medians over the rounds; the ratio to nginx is taken
 within each round.
 
     python benchmarks/serve_load.py [--rounds N] [--clients N] [--quick]
-                                    [--output DIR] [--markdown FILE]
+                                    [--output DIR] [--markdown FILE] [--render JSON]
 
 Writes DIR/serve_load.json (DIR: benchmarks/results) and the Markdown table
 into docs/benchmarks.md between its own generated markers (with --quick:
 DIR/serve_load-quick.md).  Needs nginx (Debian: nginx; ``ci/setup.sh``
 installs it without starting its service), a C compiler and libssl-dev.
-Run on demand, about 2 minutes.
+Run on demand: 15 rounds take 3 to 10 minutes, most of it the backlog-5
+server's clients waiting for SYN retransmissions.  Exit status 1 when a
+client of serve or nginx went unanswered.
 """
 
 from __future__ import annotations
