@@ -1,5 +1,5 @@
 """benchmarks/serve_load.py in a short run (one round of 20 clients, as a
-subprocess): every client of every server gets its answer, the listen
+subprocess): every client of serve and nginx gets its answer, the listen
 backlogs are the ones the benchmark means to compare, and the Markdown
 table names the three servers.  No timing is checked."""
 
@@ -39,8 +39,12 @@ def test_short_run_serves_every_client(tmp_path: Path) -> None:
     assert sorted(row["order"]) == sorted(servers)
     for kind in servers:
         burst = row[kind]["burst"]
-        assert len(burst) == CLIENTS and all(isinstance(x, float) and x > 0 for x in burst), (kind, burst)
-        assert all(isinstance(x, float) for x in row[kind]["lone"]), row[kind]["lone"]
+        assert len(burst) == CLIENTS, (kind, burst)
+        if kind == "serve, backlog 5":  # a client may wait out its 60 s for SYN retransmissions: an error text
+            assert all((isinstance(x, float) and x > 0) or isinstance(x, str) for x in burst), burst
+        else:
+            assert all(isinstance(x, float) and x > 0 for x in burst), (kind, burst)
+            assert all(isinstance(x, float) for x in row[kind]["lone"]), row[kind]["lone"]
     backlogs = result["backlogs"]
     if backlogs["serve"] is not None:  # ss (iproute2) read them
         assert backlogs["serve, backlog 5"] == 5
