@@ -98,6 +98,27 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# nginx: the C reference server that benchmarks/serve_load.py runs from its
+# own configuration in a temporary folder.  The package would start the
+# system's nginx on port 80: while it is installed, a policy-rc.d (the
+# Debian way to say "do not start services now") forbids that, unless the
+# machine has its own policy already (containers usually do).
+if ! dpkg-query -W -f='${Status}' nginx 2>/dev/null | grep -q "install ok installed"; then
+  echo "== installing: nginx (the benchmark's reference server; its service is not started)"
+  apt_update
+  policy=/usr/sbin/policy-rc.d
+  own_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+    own_policy=1
+  fi
+  nginx_rc=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null || nginx_rc=$?
+  [ -z "$own_policy" ] || $SUDO rm -f "$policy"
+  [ "$nginx_rc" = 0 ] || exit "$nginx_rc"
+fi
+
 if ! dpkg-query -W -f='${Status}' pkcs11-provider 2>/dev/null | grep -q "install ok installed"; then
   suite=$(provider_suite)
   case "$suite" in

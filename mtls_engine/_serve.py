@@ -46,6 +46,11 @@ IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may stay silent
 POLL_INTERVAL = 0.25  # how soon the main loop notices a signal
 LINGER_TIMEOUT = 2.0  # seconds a refused client has to read the alert ...
 LINGER_BYTES = 65536  # ... and what is read from it meanwhile, at most
+CLOSE_TIMEOUT = 2.0  # seconds a served client has to answer the server's close_notify
+# Connections the kernel holds for accept(): socketserver's default of 5
+# made a burst of clients wait for a SYN retransmission (about 1 s).  The
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
 
 _out_lock = threading.Lock()
 _thread_state = threading.local()
@@ -101,6 +106,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mtls_engine-serve"
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT
+    # A buffered wfile: headers and body leave in one write (one TLS record
+    # for a small answer) when handle_one_request (or finish) flushes it.
+    wbufsize = 16384
     connection: ssl.SSLSocket
     _subject: str | None = None  # the accepted client's, for the access log
 
@@ -142,6 +150,7 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     timeout = POLL_INTERVAL
     verbose = False  # also log connections that end without a certificate decision
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
@@ -160,6 +169,13 @@ class Server(http.server.ThreadingHTTPServer):
         _thread_state.rejected = False
         _thread_state.peer = peer
         request.settimeout(HANDSHAKE_TIMEOUT)
+        # Every answer leaves in one write, so Nagle's algorithm has nothing
+        # to merge: it would only hold the answer to a pipelined request
+        # until the client's delayed ACK of the one before (about 40 ms).
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is gone already: the handshake will say so
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         except (ssl.SSLError, OSError) as exc:
@@ -176,6 +192,7 @@ class Server(http.server.ThreadingHTTPServer):
                 _linger(tls)
                 return
             Handler(tls, client_address, self)
+            _close_notify(tls)
         finally:
             tls.close()
 
@@ -188,6 +205,23 @@ class Server(http.server.ThreadingHTTPServer):
         """A connection that ended without a certificate decision: one line, with --verbose."""
         if self.verbose:
             say(f"connection from {peer}: {what}")
+
+
+def _close_notify(sock: ssl.SSLSocket) -> None:
+    """End a served connection the TLS way: send close_notify, then read
+    the client's (CLOSE_TIMEOUT at most) before the socket closes.
+
+    Closing with the client's data unread (its close_notify, a request
+    sent after "Connection: close") makes the kernel send a reset, and the
+    client's kernel may then drop the answer it had not read yet."""
+    try:
+        sock.settimeout(CLOSE_TIMEOUT)
+        sock.unwrap()  # sends close_notify, then waits for the client's
+    except ssl.SSLError as exc:
+        if exc.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
+            _linger(sock)  # the client sent more: read it away, FIN, no reset
+    except (OSError, ValueError):
+        pass  # the client hung up or stayed silent: nothing left to read
 
 
 def _linger(sock: ssl.SSLSocket) -> None:
