@@ -581,6 +581,7 @@ def test_server_key_on_the_token(pki: Pki, client: Client, tmp_path: Path, backe
         proc = curl(pki, f"{srv.url}/curl", client)
         assert proc.returncode == 0, proc.stderr + srv.log
         assert_identity(json.loads(proc.stdout), client, pki, "/curl")
+        srv.wait_for(r"'GET /curl HTTP/1\.1' 200$")  # the log line may reach this reader after the answer
         assert len([line for line in srv.lines if " 200" in line]) == 4
         assert not [line for line in srv.lines if " refused " in line], srv.log
         assert srv.stop() == 0, srv.log
