@@ -100,9 +100,74 @@ def check_interpreter(facts: InterpreterFacts | None = None) -> int:
     return f.object_header
 
 
+def _ssl_module_path() -> str | None:
+    import _ssl
+
+    return getattr(_ssl, "__file__", None)
+
+
+def _is_openssl_library(path: str) -> bool:
+    return os.path.basename(path).startswith(("libssl", "libcrypto"))
+
+
+# What a Python with OpenSSL built in (python-build-standalone, which uv
+# installs) can still do: the stock route, which needs no OpenSSL symbol of
+# the interpreter (measured, docs/support.md).
+_INSTEAD = (
+    "Use a Python whose ssl module links the system's shared libssl: the distribution's python3 "
+    "(Debian: /usr/bin/python3), pyenv, or uv told to use it (uv venv --python /usr/bin/python3, "
+    "or UV_PYTHON_PREFERENCE=only-system)"
+)
+
+
+def mapped_openssl_libraries(maps: str | None = None) -> list[str] | None:
+    """The shared libssl/libcrypto files mapped into this process, read from
+    ``/proc/self/maps`` (or from ``maps``); None where that file does not
+    exist (not Linux), so nothing can be said."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                maps = f.read()
+        except OSError:
+            return None
+    found: list[str] = []
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6:
+            path = parts[5].strip()
+            if _is_openssl_library(path) and ".so" in os.path.basename(path) and path not in found:
+                found.append(path)
+    return found
+
+
+def check_openssl_is_shared(mapped: list[str] | None = None, *, ssl_module: str | None = None) -> None:
+    """Raise InterpreterSslError when this process, whose ``_ssl`` is loaded,
+    has no shared libssl/libcrypto mapped: OpenSSL is then inside the
+    interpreter (as in python-build-standalone) and no extension can reach
+    its SSL_CTX.  Runs at import, before the extension is loaded."""
+    if mapped is None:
+        mapped = mapped_openssl_libraries()
+        if mapped is None:
+            return  # no /proc: check_same_openssl decides after the load
+    if mapped:
+        return
+    where = ssl_module if ssl_module is not None else (_ssl_module_path() or "built into the interpreter")
+    raise InterpreterSslError(
+        f"this Python has OpenSSL built in: its ssl module ({where}) loads no shared libssl/libcrypto, "
+        "as in the Pythons uv installs (python-build-standalone), so the SSL_CTX inside an "
+        "ssl.SSLContext belongs to a copy of OpenSSL that no extension can reach and mtls_engine cannot "
+        f"attach a card key to it. {_INSTEAD}; or, with no mtls_engine in the program, let this Python's "
+        "own OpenSSL load pkcs11-provider: OPENSSL_CONF from 'python -m mtls_engine config --backend "
+        "provider --pin-source file:PATH' and a key file from 'python -m mtls_engine uri-pem' (both run "
+        "with such a Python), then ctx.load_cert_chain(cert, key_file) (docs/support.md, "
+        "'Pythons with OpenSSL built in')"
+    )
+
+
 # Before the extension is loaded: on an interpreter mtls_engine cannot serve,
 # say why instead of failing to load the binding (or worse, loading it).
 OBJECT_HEADER_SIZE = check_interpreter()
+check_openssl_is_shared()
 
 try:
     from ._binding import ffi, lib
@@ -135,12 +200,6 @@ __all__ = [
 _PROBES = ("SSL_CTX_new", "OpenSSL_version_num")
 
 
-def _ssl_module_path() -> str | None:
-    import _ssl
-
-    return getattr(_ssl, "__file__", None)
-
-
 def _same_file(a: str, b: str | None) -> bool:
     if not b:
         return False
@@ -150,14 +209,11 @@ def _same_file(a: str, b: str | None) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _is_openssl_library(path: str) -> bool:
-    return os.path.basename(path).startswith(("libssl", "libcrypto"))
-
-
 _STATIC_ADVICE = (
     "mtls_engine needs a Python whose _ssl module links libssl/libcrypto as shared libraries "
     "(a distribution's python3, or pyenv/python-build against the system OpenSSL; not a "
-    "relocatable build that bundles OpenSSL, such as python-build-standalone)"
+    "relocatable build that bundles OpenSSL, such as python-build-standalone, which uv installs: "
+    "uv venv --python /usr/bin/python3, or UV_PYTHON_PREFERENCE=only-system, makes uv use the system's)"
 )
 _REBUILD_ADVICE = (
     "rebuild mtls_engine with the Python that runs it (pip install --force-reinstall "

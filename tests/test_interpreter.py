@@ -191,6 +191,20 @@ _PREPARE = {
     ),
     "pypy": "import platform\nplatform.python_implementation = lambda: 'PyPy'",
     "trace-refs": "sys.getobjects = lambda *a: []",
+    # OpenSSL built into the interpreter (python-build-standalone): the
+    # process maps no shared libssl/libcrypto.  The stand-in hides them
+    # from the one place the check reads.
+    "openssl-built-in": (
+        "import builtins, io\n_open = builtins.open\n"
+        "def _without_openssl(file, *a, **k):\n"
+        "    f = _open(file, *a, **k)\n"
+        "    if file != '/proc/self/maps':\n"
+        "        return f\n"
+        "    with f:\n"
+        "        lines = f.read().splitlines(True)\n"
+        "    return io.StringIO(''.join(ln for ln in lines if '/libssl' not in ln and '/libcrypto' not in ln))\n"
+        "builtins.open = _without_openssl"
+    ),
 }
 
 
@@ -291,6 +305,51 @@ def test_ssl_module_with_static_openssl_hidden(stand_ins: StandIns) -> None:
         check_same_openssl(path, version=lib.OpenSSL_version_num())
 
 
+_MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234  /opt/python/bin/python3.12
+7f0000000000-7f0000001000 r-xp 00000000 fe:01 2345  /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f0000001000-7f0000002000 r--p 00001000 fe:01 2345  /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f0000002000-7f0000003000 r-xp 00000000 fe:01 3456  /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f0000003000-7f0000004000 rw-p 00000000 00:00 0
+7f0000004000-7f0000005000 r-xp 00000000 fe:01 4567  /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0  [stack]
+"""
+
+
+def test_mapped_openssl_libraries_are_read_from_the_maps() -> None:
+    assert _lib.mapped_openssl_libraries(_MAPS) == [
+        "/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    ]  # fmt: skip
+    no_openssl = "".join(ln + "\n" for ln in _MAPS.splitlines() if "/libssl" not in ln and "/libcrypto" not in ln)
+    assert _lib.mapped_openssl_libraries(no_openssl) == []
+
+
+def test_this_process_maps_the_openssl_the_extension_uses() -> None:
+    mapped = _lib.mapped_openssl_libraries()
+    if mapped is None:
+        pytest.skip("no /proc/self/maps on this system")
+    mine = _lib.text(lib.mtls_library_of(lib.mtls_own_symbol(b"SSL_CTX_new")))
+    assert any(os.path.samefile(mine, m) for m in mapped), (mine, mapped)
+    _lib.check_openssl_is_shared()  # what the import did, again
+
+
+def test_openssl_built_into_the_interpreter_is_refused_naming_uv() -> None:
+    """A Python whose process maps no shared OpenSSL (python-build-standalone,
+    as uv installs it): the refusal says why and what works instead."""
+    with pytest.raises(mtls_engine.InterpreterSslError) as e:
+        _lib.check_openssl_is_shared([], ssl_module="built into the interpreter")
+    msg = str(e.value)
+    assert msg.startswith(
+        "this Python has OpenSSL built in: its ssl module (built into the interpreter) loads no shared "
+        "libssl/libcrypto, as in the Pythons uv installs (python-build-standalone), so the SSL_CTX"
+    ), msg
+    for advice in ("/usr/bin/python3", "pyenv", "uv venv --python /usr/bin/python3", "UV_PYTHON_PREFERENCE=only-system",
+                   "OPENSSL_CONF from 'python -m mtls_engine config --backend provider --pin-source file:PATH'",
+                   "'python -m mtls_engine uri-pem'", "ctx.load_cert_chain(cert, key_file)"):  # fmt: skip
+        assert advice in msg, advice
+    _lib.check_openssl_is_shared(["/usr/lib/x86_64-linux-gnu/libssl.so.3"])  # a shared one: accepted
+
+
 def test_a_real_module_with_static_openssl() -> None:
     """cryptography's wheels link their own OpenSSL into _rust statically:
     a real module of the kind the check must refuse."""
@@ -335,6 +394,7 @@ def _import_error(prepare: str) -> str:
 
 _COMMAND_CASES = {
     "pypy": (_PREPARE["pypy"], "needs CPython"),
+    "openssl-built-in": (_PREPARE["openssl-built-in"], "the Pythons uv installs (python-build-standalone)"),
     "free-threaded": (_PREPARE["free-threaded"], "Run it with the regular build of the same version"),
 }
 
