@@ -64,11 +64,21 @@ def _build_flags() -> dict[str, Any]:
     else:
         libs = _loaded_openssl_libraries()
         if len(libs) != 2:
+            built_in = (
+                " OpenSSL is built into this Python, as in the Pythons uv installs "
+                "(python-build-standalone): no extension can reach its SSL_CTX."
+                if not libs
+                else ""
+            )
             sys.exit(
                 f"mtls_engine: this Python's _ssl module does not load libssl and "
-                f"libcrypto as shared libraries (found: {libs!r}). mtls_engine needs the "
+                f"libcrypto as shared libraries (found: {libs!r}).{built_in} mtls_engine needs the "
                 "same shared OpenSSL as the interpreter; use a Python built against "
-                "a shared OpenSSL, or set MTLS_ENGINE_OPENSSL_PREFIX."
+                "a shared OpenSSL (the distribution's python3, pyenv; with uv: "
+                "uv venv --python /usr/bin/python3, or UV_PYTHON_PREFERENCE=only-system), "
+                "or set MTLS_ENGINE_OPENSSL_PREFIX. Without mtls_engine in the program, "
+                "stock clients can still use the card: docs/support.md, "
+                "'Pythons with OpenSSL built in'."
             )
         # Link by full path: records the same soname _ssl uses and does not
         # depend on the unversioned libssl.so development link.

@@ -159,7 +159,7 @@ def check_openssl_is_shared(mapped: list[str] | None = None, *, ssl_module: str 
         f"attach a card key to it. {_INSTEAD}; or, with no mtls_engine in the program, let this Python's "
         "own OpenSSL load pkcs11-provider: OPENSSL_CONF from 'python -m mtls_engine config --backend "
         "provider --pin-source file:PATH' and a key file from 'python -m mtls_engine uri-pem' (both run "
-        "with such a Python), then ctx.load_cert_chain(cert, key_file) (docs/support.md, "
+        "with such a Python), then ctx.load_cert_chain(cert, key_file, password='') (docs/support.md, "
         "'Pythons with OpenSSL built in')"
     )
 

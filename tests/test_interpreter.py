@@ -345,7 +345,7 @@ def test_openssl_built_into_the_interpreter_is_refused_naming_uv() -> None:
     ), msg
     for advice in ("/usr/bin/python3", "pyenv", "uv venv --python /usr/bin/python3", "UV_PYTHON_PREFERENCE=only-system",
                    "OPENSSL_CONF from 'python -m mtls_engine config --backend provider --pin-source file:PATH'",
-                   "'python -m mtls_engine uri-pem'", "ctx.load_cert_chain(cert, key_file)"):  # fmt: skip
+                   "'python -m mtls_engine uri-pem'", "ctx.load_cert_chain(cert, key_file, password='')"):  # fmt: skip
         assert advice in msg, advice
     _lib.check_openssl_is_shared(["/usr/lib/x86_64-linux-gnu/libssl.so.3"])  # a shared one: accepted
 

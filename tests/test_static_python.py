@@ -17,11 +17,16 @@ unmodified ``ctx.load_cert_chain(cert, "key.uri.pem")`` in the stand-in.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import subprocess
+import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +55,16 @@ def static_python() -> str:
     # Named but unusable is a mistake, not a reason to skip.
     assert os.access(path, os.X_OK), f"{STATIC_ENV}={path} is not an executable"
     return path
+
+
+@pytest.fixture(params=["stand-in", "this-python"])
+def python(request: pytest.FixtureRequest) -> str:
+    """The stock route's interpreter: the stand-in (on demand) and, in every
+    run, the Python running the tests (whose _ssl links the shared OpenSSL):
+    what the recipe promises holds for both."""
+    if request.param == "stand-in":
+        return str(request.getfixturevalue("static_python"))
+    return sys.executable
 
 
 def _libpython(python: str) -> Path:
@@ -90,14 +105,18 @@ import json, socket, ssl, sys
 ca, cert, key, port, version = sys.argv[1:6]
 ctx = ssl.create_default_context(cafile=ca)
 ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion[version]
-ctx.load_cert_chain(cert, key)
+if len(sys.argv) > 6:  # the recipe's password="": never a prompt
+    ctx.load_cert_chain(cert, key, password=sys.argv[6])
+else:
+    ctx.load_cert_chain(cert, key)
 with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as raw:
     with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        version = tls.version()
         tls.sendall(b"hello")
         data = b""
         while chunk := tls.recv(4096):
             data += chunk
-print(json.dumps({"client": tls.version(), "server": json.loads(data)}))
+print(json.dumps({"client": version, "server": json.loads(data)}))
 """
 
 
@@ -119,92 +138,181 @@ def route(pki: Pki, echo: EchoServer, tmp_path_factory: pytest.TempPathFactory) 
     return Stock(pki, work, pin_file, echo.port)
 
 
-def run_stock_client(
-    python: str, env: dict[str, str], cert: Path, key: Path, port: int, ca: Path, version: str, cwd: Path
-) -> subprocess.CompletedProcess[str]:
-    # -I: no PYTHONPATH, no user site, so no mtls_engine; stdin from
-    # /dev/null and a new session (no controlling terminal): a prompt for
-    # the PIN could neither be shown nor answered.
+def client_args(python: str, route: Stock, kind: KeyKind, port: int, version: str, password: str | None) -> list[str]:
+    # -I: no PYTHONPATH, no user site, so no mtls_engine.
+    args = [python, "-I", "-c", STOCK_CLIENT, str(route.pki.ca_file), str(route.pki.cert_file(kind)),
+            str(route.key_pem(kind)), str(port), version]  # fmt: skip
+    return args if password is None else [*args, password]
+
+
+def run_stock_client(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The client with stdin from /dev/null in a new session (no controlling
+    terminal): a prompt for the PIN can be neither shown nor answered."""
     return subprocess.run(
-        [python, "-I", "-c", STOCK_CLIENT, str(ca), str(cert), str(key), str(port), version],
-        capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+        args, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("password", [None, ""], ids=["unmodified", "password-empty"])
 @pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
 @pytest.mark.parametrize("kind", [KeyKind.RSA2048, KeyKind.P256, KeyKind.P384], ids=lambda k: k.name)
 def test_stock_route_signs_on_the_token(
-    static_python: str, route: Stock, echo: EchoServer, kind: KeyKind, version: str
+    python: str, route: Stock, echo: EchoServer, kind: KeyKind, version: str, password: str | None
 ) -> None:
     """The handshake is signed by the card: the server sees the card's
     certificate (it verifies the CertificateVerify against it), over the
-    TLS version asked for, and the process exits 0."""
+    TLS version asked for, and the process exits 0.  pkcs11-provider runs
+    in the interpreter's own OpenSSL (inside the stand-in) while linking
+    the system's libcrypto."""
     need_backend("provider")
     env = route.env("provider", "provider")
-    proc = run_stock_client(static_python, env, route.pki.cert_file(kind), route.key_pem(kind), echo.port,
-                            route.pki.ca_file, version, route.dir)  # fmt: skip
+    proc = run_stock_client(client_args(python, route, kind, echo.port, version, password), env, route.dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout)
     label = CARD_KEYS[kind].label
-    assert seen == {"client": version.replace("_", "."), "server": {
-        "subject": f"commonName=card-holder {label}", "version": version.replace("_", ".")}}  # fmt: skip
-    assert route.pki.card1.pin not in proc.stdout + proc.stderr
+    tls = version.replace("_", ".")
+    assert seen == {"client": tls, "server": {"subject": f"commonName=card-holder {label}", "version": tls}}
+    assert proc.stderr == ""
+    assert route.pki.card1.pin not in proc.stdout
 
 
-def test_stock_route_without_the_provider_is_not_the_card(static_python: str, route: Stock, echo: EchoServer) -> None:
-    """The control: without OPENSSL_CONF the built-in OpenSSL cannot read
-    the URI PEM, so a passing test above is pkcs11-provider's doing."""
+def test_stock_route_without_the_provider_is_not_the_card(python: str, route: Stock, echo: EchoServer) -> None:
+    """The control: without OPENSSL_CONF the interpreter's OpenSSL cannot
+    read the URI PEM, so a passing test above is pkcs11-provider's doing."""
     need_backend("provider")
     env = {k: v for k, v in route.env("provider", "provider").items() if k != "OPENSSL_CONF"}
-    kind = KeyKind.P256
-    proc = run_stock_client(static_python, env, route.pki.cert_file(kind), route.key_pem(kind), echo.port,
-                            route.pki.ca_file, "TLSv1_3", route.dir)  # fmt: skip
+    proc = run_stock_client(client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", None), env, route.dir)
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr.splitlines()[-1].startswith("ssl.SSLError:"), proc.stderr[-2000:]
 
 
-def test_stock_route_with_a_wrong_pin_tries_the_token_once(
-    static_python: str, route: Stock, echo: EchoServer, spy: str, tmp_path: Path
-) -> None:
-    """A wrong PIN in the config's pin-source file: one C_Login, the key
-    does not load (ssl.SSLError from load_cert_chain), no prompt, exit 1."""
-    need_backend("provider")
+@pytest.fixture
+def wrong_pin_env(route: Stock, spy: str, tmp_path: Path) -> dict[str, str]:
+    """openssl.cnf whose pin-source file holds a wrong PIN, with the module
+    behind pkcs11-spy (its log: tmp_path/spy.log)."""
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("31415926")
     wrong.chmod(0o600)
     cnf = tmp_path / "openssl.cnf"
     mtls(["config", "--module", spy, "--backend", "provider", "--pin-source", f"file:{wrong}", "-o", str(cnf)])
-    log = tmp_path / "spy.log"
-    env = {**route.env("provider", "provider"), "OPENSSL_CONF": str(cnf), "PKCS11SPY": route.pki.module,
-           "PKCS11SPY_OUTPUT": str(log)}  # fmt: skip
-    kind = KeyKind.P256
-    proc = run_stock_client(static_python, env, route.pki.cert_file(kind), route.key_pem(kind), echo.port,
-                            route.pki.ca_file, "TLSv1_3", tmp_path)  # fmt: skip
+    return {**route.env("provider", "provider"), "OPENSSL_CONF": str(cnf), "PKCS11SPY": route.pki.module,
+            "PKCS11SPY_OUTPUT": str(tmp_path / "spy.log")}  # fmt: skip
+
+
+@pytest.mark.parametrize("password", [None, ""], ids=["unmodified", "password-empty"])
+def test_stock_route_with_a_wrong_pin_and_no_terminal(
+    python: str, route: Stock, echo: EchoServer, wrong_pin_env: dict[str, str], tmp_path: Path, password: str | None
+) -> None:
+    """A wrong PIN in the pin-source file, no terminal: the token sees one
+    C_Login and the process exits 1.  Unmodified, OpenSSL and
+    pkcs11-provider then ask for the PIN on the console (nobody can
+    answer; load_cert_chain ends in an OSError); with password="" nothing
+    is asked and load_cert_chain raises ssl.SSLError."""
+    need_backend("provider")
+    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", password)
+    proc = run_stock_client(args, wrong_pin_env, tmp_path)
     assert proc.returncode == 1, proc.stdout
-    assert proc.stderr.splitlines()[-1].startswith("ssl.SSLError:"), proc.stderr[-2000:]
-    assert count_calls(log, "C_Login") == 1
+    assert count_calls(tmp_path / "spy.log", "C_Login") == 1
+    last = proc.stderr.splitlines()[-1]
+    if password is None:
+        assert "Enter PEM pass phrase:" in proc.stderr and "Enter PIN for PKCS#11 Token" in proc.stderr
+        assert last.startswith("OSError:"), proc.stderr[-2000:]
+    else:
+        assert "Enter" not in proc.stderr, proc.stderr[-2000:]
+        assert last.startswith(("ssl.SSLError:", "FileNotFoundError:")), proc.stderr[-2000:]
     assert route.pki.card1.pin not in proc.stdout + proc.stderr
 
 
+def answer_prompts(args: list[str], env: dict[str, str], cwd: Path, answer: str) -> tuple[int, str]:
+    """Run ``args`` on a terminal of its own (a pty that is its controlling
+    terminal) and type ``answer`` at each PIN or pass phrase prompt; the
+    exit status and everything it wrote there."""
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(cwd),
+                            preexec_fn=controlling_terminal)  # fmt: skip
+    os.close(slave)
+    seen, pending = b"", b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], TIMEOUT)
+            assert ready, f"no output for {TIMEOUT} s: {seen[-2000:]!r}"
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+            pending += chunk
+            if re.search(rb"(PIN|pass phrase)[^\n]*:\s*$", pending):
+                os.write(master, answer.encode() + b"\n")
+                pending = b""
+    finally:
+        os.close(master)
+        status = proc.wait(TIMEOUT)
+    return status, seen.decode(errors="replace")
+
+
+def test_stock_route_with_a_wrong_pin_on_a_terminal(
+    python: str, route: Stock, echo: EchoServer, wrong_pin_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Measured hazard of the unmodified route: after the pin-source PIN
+    failed, the console prompt's answer goes to the token, and OpenSSL
+    tries that one answer more than once (the decoders share it), so one
+    mistyped PIN costs several tries of a card's retry counter.  With
+    password="" there is no prompt and the token sees one C_Login."""
+    need_backend("provider")
+    log = tmp_path / "spy.log"
+    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", None)
+    status, seen = answer_prompts(args, wrong_pin_env, tmp_path, "11111111")
+    assert status == 1, seen[-2000:]
+    assert "Enter PEM pass phrase:" in seen
+    assert count_calls(log, "C_Login") > 2, seen[-2000:]  # the file's PIN, then the typed one, repeated
+
+    log.unlink()
+    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", "")
+    status, seen = answer_prompts(args, wrong_pin_env, tmp_path, "11111111")
+    assert status == 1, seen[-2000:]
+    assert "Enter" not in seen, seen[-2000:]
+    assert count_calls(log, "C_Login") == 1
+
+
 IMPORT = """
+import sys
 try:
     import mtls_engine
 except Exception as exc:
     print(type(exc).__name__)
     print(exc)
+    print("binding loaded:", "mtls_engine._binding" in sys.modules)
 else:
     print("imported")
 """
 
 
-def test_import_refuses_the_stand_in_and_names_uv(static_python: str) -> None:
+def test_import_refuses_the_stand_in_and_names_uv(static_python: str, tmp_path: Path) -> None:
     """``import mtls_engine`` in the stand-in, from this source tree: refused
-    before the extension is loaded (it could not be: no cffi there)."""
+    before the extension (or cryptography, absent there) is imported, with
+    what works instead; ``python -m mtls_engine`` says it in one line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([static_python, "-c", IMPORT], capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                          cwd=str(ROOT))  # fmt: skip
+                          cwd=str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    name, message = proc.stdout.splitlines()[:2]
+    name, message, loaded = proc.stdout.splitlines()
     assert name == "InterpreterSslError", proc.stdout
-    assert "python-build-standalone" in message and "uv" in message, message
+    assert message.startswith(
+        "this Python has OpenSSL built in: its ssl module (built into the interpreter) loads no shared "
+        "libssl/libcrypto, as in the Pythons uv installs (python-build-standalone)"
+    ), message
+    assert "UV_PYTHON_PREFERENCE=only-system" in message and "password=''" in message
+    assert loaded == "binding loaded: False"
+    cmd = subprocess.run([static_python, "-m", "mtls_engine", "check"], capture_output=True, text=True,
+                         timeout=TIMEOUT, env=env, cwd=str(tmp_path))  # fmt: skip
+    assert cmd.returncode == 1
+    assert cmd.stderr.splitlines() == [f"mtls_engine: error: {message}"]
