@@ -156,22 +156,34 @@ def check_openssl_is_shared(mapped: list[str] | None = None, *, ssl_module: str 
         f"this Python has OpenSSL built in: its ssl module ({where}) loads no shared libssl/libcrypto, "
         "as in the Pythons uv installs (python-build-standalone), so the SSL_CTX inside an "
         "ssl.SSLContext belongs to a copy of OpenSSL that no extension can reach and mtls_engine cannot "
-        f"attach a card key to it. {_INSTEAD}; or, with no mtls_engine in the program, let this Python's "
+        "attach a card key to it (its commands config, uri-pem, list and check work, without a "
+        f"handshake). {_INSTEAD}; or, with no mtls_engine in the program, let this Python's "
         "own OpenSSL load pkcs11-provider: OPENSSL_CONF from 'python -m mtls_engine config --backend "
-        "provider --pin-source file:PATH' and a key file from 'python -m mtls_engine uri-pem' (both run "
-        "with such a Python), then ctx.load_cert_chain(cert, key_file, password='') (docs/support.md, "
-        "'Pythons with OpenSSL built in')"
+        "provider --pin-source file:PATH' and a key file from 'python -m mtls_engine uri-pem', then "
+        "ctx.load_cert_chain(cert, key_file, password='') (docs/support.md, 'Pythons with OpenSSL built in')"
     )
 
 
 # Before the extension is loaded: on an interpreter mtls_engine cannot serve,
 # say why instead of failing to load the binding (or worse, loading it).
 OBJECT_HEADER_SIZE = check_interpreter()
-check_openssl_is_shared()
+
+# A Python with OpenSSL built in (uv's): the extension, linked to the
+# system's shared OpenSSL, still serves what needs no SSL_CTX (config,
+# uri-pem, list, check); every SSL_CTX access raises this refusal instead
+# (_context.ssl_ctx_pointer), before a card is touched.
+BUILT_IN_OPENSSL: InterpreterSslError | None
+try:
+    check_openssl_is_shared()
+    BUILT_IN_OPENSSL = None
+except InterpreterSslError as _refusal:
+    BUILT_IN_OPENSSL = _refusal
 
 try:
     from ._binding import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the build
+    if BUILT_IN_OPENSSL is not None:
+        raise InterpreterSslError(f"{BUILT_IN_OPENSSL} (and the C extension cannot be loaded: {exc})") from exc
     raise InterpreterSslError(
         f"the mtls_engine C extension cannot be loaded ({exc}); reinstall the "
         "package with the same Python that runs it (pip install --force-reinstall "
@@ -185,6 +197,7 @@ BINDING_PATH = os.path.abspath(sys.modules[__name__.rpartition(".")[0] + "._bind
 
 __all__ = [
     "BINDING_PATH",
+    "BUILT_IN_OPENSSL",
     "OBJECT_HEADER_SIZE",
     "InterpreterFacts",
     "check_interpreter",
@@ -282,4 +295,5 @@ def raise_openssl(message: str, cls: type[OpenSSLError] = OpenSSLError) -> None:
     raise cls(message, consume_errors())
 
 
-check_same_openssl()
+if BUILT_IN_OPENSSL is None:
+    check_same_openssl()

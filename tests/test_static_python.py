@@ -296,10 +296,10 @@ else:
 """
 
 
-def test_import_refuses_the_stand_in_and_names_uv(static_python: str, tmp_path: Path) -> None:
-    """``import mtls_engine`` in the stand-in, from this source tree: refused
-    before the extension (or cryptography, absent there) is imported, with
-    what works instead; ``python -m mtls_engine`` says it in one line."""
+def test_import_without_the_extension_names_uv(static_python: str, tmp_path: Path) -> None:
+    """``import mtls_engine`` from this source tree in the bare stand-in (no
+    cffi, so the extension cannot load): the refusal names uv and says what
+    works instead; ``python -m mtls_engine`` says it in one line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([static_python, "-c", IMPORT], capture_output=True, text=True, timeout=TIMEOUT, env=env,
                           cwd=str(tmp_path))  # fmt: skip
@@ -311,8 +311,80 @@ def test_import_refuses_the_stand_in_and_names_uv(static_python: str, tmp_path: 
         "libssl/libcrypto, as in the Pythons uv installs (python-build-standalone)"
     ), message
     assert "UV_PYTHON_PREFERENCE=only-system" in message and "password=''" in message
+    assert message.endswith("(and the C extension cannot be loaded: No module named '_cffi_backend')"), message
     assert loaded == "binding loaded: False"
     cmd = subprocess.run([static_python, "-m", "mtls_engine", "check"], capture_output=True, text=True,
                          timeout=TIMEOUT, env=env, cwd=str(tmp_path))  # fmt: skip
     assert cmd.returncode == 1
     assert cmd.stderr.splitlines() == [f"mtls_engine: error: {message}"]
+
+
+SITE_ENV = "MTLS_STATIC_PYTHON_SITE"
+
+USE = """
+import ssl, sys
+import mtls_engine
+print("binding loaded:", "mtls_engine._binding" in sys.modules)
+try:
+    mtls_engine.load_card_key(ssl.create_default_context(), sys.argv[1], module=sys.argv[2], pin=sys.argv[3])
+except mtls_engine.Error as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_commands_and_refusal_on_the_stand_in(
+    static_python: str, route: Stock, echo: EchoServer, tmp_path: Path
+) -> None:
+    """With the package's dependencies for the stand-in on its path
+    (MTLS_STATIC_PYTHON_SITE, docs/support.md): the extension loads, linked
+    to the system's OpenSSL; config, uri-pem, list and check work and exit
+    0; load_card_key refuses before logging in; check --connect fails its
+    handshake step with the same refusal."""
+    site = os.environ.get(SITE_ENV)
+    if not site:
+        pytest.skip(f"on demand: {SITE_ENV} names no folder with cffi and cryptography for the stand-in")
+    need_backend("provider")
+    pki = route.pki
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), site])}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([static_python, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                              cwd=str(tmp_path))  # fmt: skip
+
+    key = pki.key_uri(KeyKind.P256)
+    proc = run("-c", USE, key, pki.module, pki.card1.pin)
+    assert proc.returncode == 0, proc.stderr
+    loaded, refusal = proc.stdout.splitlines()
+    assert loaded == "binding loaded: True"
+    assert refusal.startswith("InterpreterSslError this Python has OpenSSL built in"), refusal
+    assert pki.card1.pin not in proc.stdout + proc.stderr
+
+    proc = run("-m", "mtls_engine", "uri-pem", key, "-o", str(tmp_path / "key.pem"))
+    assert proc.returncode == 0, proc.stderr
+    cnf = tmp_path / "card.cnf"
+    proc = run("-m", "mtls_engine", "config", "--module", pki.module, "--backend", "provider", "--pin-source",
+               f"file:{route.pin_file}", "-o", str(cnf))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = run("-m", "mtls_engine", "list", "--module", pki.module, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"label": "card1"' in proc.stdout
+
+    # What the stand-in wrote serves the stock route in the stand-in.
+    env_route = {**route.env("provider", "provider"), "OPENSSL_CONF": str(cnf)}
+    args = client_args(static_python, route, KeyKind.P256, echo.port, "TLSv1_3", "")
+    args[args.index(str(route.key_pem(KeyKind.P256)))] = str(tmp_path / "key.pem")
+    proc = run_stock_client(args, env_route, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["server"]["subject"] == "commonName=card-holder ec256"
+
+    check = ["-m", "mtls_engine", "check", "--module", pki.module, "--pin-source", f"file:{route.pin_file}",
+             "--key", key, "--json"]  # fmt: skip
+    proc = run(*check)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+    assert {k for k, st in steps.items() if st["status"] != "ok"} == {"openssl", "connect"}, steps
+    assert steps["openssl"]["status"] == "warn" and steps["openssl"]["facts"]["same_library"] is False
+    proc = run(*check, "--connect", f"localhost:{echo.port}", "--cafile", str(pki.ca_file))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    connect = json.loads(proc.stdout)["steps"][-1]
+    assert connect["status"] == "fail" and connect["facts"]["error"] == "InterpreterSslError", connect
