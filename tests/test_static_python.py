@@ -11,8 +11,10 @@ tested without the stand-in in tests/test_interpreter.py.
 What they measure is the stock route, which needs no symbol of the
 interpreter's OpenSSL: ``OPENSSL_CONF`` naming the openssl.cnf that
 ``python -m mtls_engine config --backend provider`` writes and a URI PEM
-key file from ``uri-pem`` (both run with a normal Python), then an
-unmodified ``ctx.load_cert_chain(cert, "key.uri.pem")`` in the stand-in.
+key file from ``uri-pem`` (run with a normal Python), then an unmodified
+``ctx.load_cert_chain(cert, "key.uri.pem")`` in the stand-in; and what
+mtls_engine itself does there (its commands work, ``load_card_key``
+refuses, naming uv).
 """
 
 from __future__ import annotations
