@@ -30,11 +30,13 @@ import subprocess
 import sys
 import termios
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mtls_engine._softhsm import KeyKind
+from mtls_engine._config import SELECTOR_ENV
+from mtls_engine._softhsm import KeyKind, TokenStore
 
 from .conftest import CARD_KEYS, Pki, need
 from .helpers import ROOT, count_calls
@@ -140,11 +142,18 @@ def route(pki: Pki, echo: EchoServer, tmp_path_factory: pytest.TempPathFactory) 
     return Stock(pki, work, pin_file, echo.port)
 
 
-def client_args(python: str, route: Stock, kind: KeyKind, port: int, version: str, password: str | None) -> list[str]:
-    # -I: no PYTHONPATH, no user site, so no mtls_engine.
-    args = [python, "-I", "-c", STOCK_CLIENT, str(route.pki.ca_file), str(route.pki.cert_file(kind)),
-            str(route.key_pem(kind)), str(port), version]  # fmt: skip
+def client_args(
+    python: str, cert: Path, key: Path, ca: Path, port: int, version: str, password: str | None
+) -> list[str]:
+    """The stock client's command line; -I: no PYTHONPATH, no user site, so no mtls_engine."""
+    args = [python, "-I", "-c", STOCK_CLIENT, str(ca), str(cert), str(key), str(port), version]
     return args if password is None else [*args, password]
+
+
+def card_args(python: str, route: Stock, kind: KeyKind, port: int, version: str, password: str | None) -> list[str]:
+    """The client with card1's key ``kind`` and its certificate."""
+    pki = route.pki
+    return client_args(python, pki.cert_file(kind), route.key_pem(kind), pki.ca_file, port, version, password)
 
 
 def run_stock_client(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -169,7 +178,7 @@ def test_stock_route_signs_on_the_token(
     the system's libcrypto."""
     need_backend("provider")
     env = route.env("provider", "provider")
-    proc = run_stock_client(client_args(python, route, kind, echo.port, version, password), env, route.dir)
+    proc = run_stock_client(card_args(python, route, kind, echo.port, version, password), env, route.dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout)
     label = CARD_KEYS[kind].label
@@ -184,46 +193,67 @@ def test_stock_route_without_the_provider_is_not_the_card(python: str, route: St
     read the URI PEM, so a passing test above is pkcs11-provider's doing."""
     need_backend("provider")
     env = {k: v for k, v in route.env("provider", "provider").items() if k != "OPENSSL_CONF"}
-    proc = run_stock_client(client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", None), env, route.dir)
+    proc = run_stock_client(card_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", None), env, route.dir)
     assert proc.returncode == 1, proc.stdout
     assert proc.stderr.splitlines()[-1].startswith("ssl.SSLError:"), proc.stderr[-2000:]
 
 
+@dataclass
+class WrongPin:
+    """A token of its own (failed logins leave flags on a token that other
+    tests read), its key's URI PEM and certificate, and the environment of
+    a stock client whose openssl.cnf has a pin-source file with a wrong PIN
+    and the module behind pkcs11-spy (log: ``log``)."""
+
+    cert: Path
+    key: Path
+    env: dict[str, str]
+    log: Path
+
+
 @pytest.fixture
-def wrong_pin_env(route: Stock, spy: str, tmp_path: Path) -> dict[str, str]:
-    """openssl.cnf whose pin-source file holds a wrong PIN, with the module
-    behind pkcs11-spy (its log: tmp_path/spy.log)."""
+def wrong_pin(pki: Pki, spy: str, tmp_path: Path) -> WrongPin:
+    need_backend("provider")
+    store = TokenStore.create(tmp_path / "softhsm")
+    token = store.init_token("wrongpin", pin=pki.card1.pin)
+    pub = token.generate_key(KeyKind.P256, "ec256", "02")
+    token.store_certificate(pki.ca.issue(pub, "card-holder wrongpin"), "ec256", "02", tmp_path)
+    key = tmp_path / "key.pem"
+    mtls(["uri-pem", token.uri(object="ec256", type="private"), "-o", str(key)])
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("31415926")
     wrong.chmod(0o600)
     cnf = tmp_path / "openssl.cnf"
     mtls(["config", "--module", spy, "--backend", "provider", "--pin-source", f"file:{wrong}", "-o", str(cnf)])
-    return {**route.env("provider", "provider"), "OPENSSL_CONF": str(cnf), "PKCS11SPY": route.pki.module,
-            "PKCS11SPY_OUTPUT": str(tmp_path / "spy.log")}  # fmt: skip
+    log = tmp_path / "spy.log"
+    env = {**os.environ, **store.env, "OPENSSL_CONF": str(cnf), "PKCS11SPY": store.module,
+           "PKCS11SPY_OUTPUT": str(log)}  # fmt: skip
+    env.pop(SELECTOR_ENV, None)
+    return WrongPin(tmp_path / "wrongpin-ec256-02.pem", key, env, log)
 
 
 @pytest.mark.parametrize("password", [None, ""], ids=["unmodified", "password-empty"])
 def test_stock_route_with_a_wrong_pin_and_no_terminal(
-    python: str, route: Stock, echo: EchoServer, wrong_pin_env: dict[str, str], tmp_path: Path, password: str | None
+    python: str, pki: Pki, echo: EchoServer, wrong_pin: WrongPin, tmp_path: Path, password: str | None
 ) -> None:
     """A wrong PIN in the pin-source file, no terminal: the token sees one
     C_Login and the process exits 1.  Unmodified, OpenSSL and
     pkcs11-provider then ask for the PIN on the console (nobody can
     answer; load_cert_chain ends in an OSError); with password="" nothing
     is asked and load_cert_chain raises ssl.SSLError."""
-    need_backend("provider")
-    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", password)
-    proc = run_stock_client(args, wrong_pin_env, tmp_path)
+    args = client_args(python, wrong_pin.cert, wrong_pin.key, pki.ca_file, echo.port, "TLSv1_3", password)
+    proc = run_stock_client(args, wrong_pin.env, tmp_path)
     assert proc.returncode == 1, proc.stdout
-    assert count_calls(tmp_path / "spy.log", "C_Login") == 1
+    assert count_calls(wrong_pin.log, "C_Login") == 1
     last = proc.stderr.splitlines()[-1]
     if password is None:
         assert "Enter PEM pass phrase:" in proc.stderr and "Enter PIN for PKCS#11 Token" in proc.stderr
         assert last.startswith("OSError:"), proc.stderr[-2000:]
     else:
         assert "Enter" not in proc.stderr, proc.stderr[-2000:]
+        # ssl.SSLError; CPython 3.11 reports the same failure as FileNotFoundError
         assert last.startswith(("ssl.SSLError:", "FileNotFoundError:")), proc.stderr[-2000:]
-    assert route.pki.card1.pin not in proc.stdout + proc.stderr
+    assert pki.card1.pin not in proc.stdout + proc.stderr
 
 
 def answer_prompts(args: list[str], env: dict[str, str], cwd: Path, answer: str) -> tuple[int, str]:
@@ -262,27 +292,24 @@ def answer_prompts(args: list[str], env: dict[str, str], cwd: Path, answer: str)
 
 
 def test_stock_route_with_a_wrong_pin_on_a_terminal(
-    python: str, route: Stock, echo: EchoServer, wrong_pin_env: dict[str, str], tmp_path: Path
+    python: str, pki: Pki, echo: EchoServer, wrong_pin: WrongPin, tmp_path: Path
 ) -> None:
     """Measured hazard of the unmodified route: after the pin-source PIN
     failed, the console prompt's answer goes to the token, and OpenSSL
     tries that one answer more than once (the decoders share it), so one
     mistyped PIN costs several tries of a card's retry counter.  With
     password="" there is no prompt and the token sees one C_Login."""
-    need_backend("provider")
-    log = tmp_path / "spy.log"
-    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", None)
-    status, seen = answer_prompts(args, wrong_pin_env, tmp_path, "11111111")
+    args = client_args(python, wrong_pin.cert, wrong_pin.key, pki.ca_file, echo.port, "TLSv1_3", None)
+    status, seen = answer_prompts(args, wrong_pin.env, tmp_path, "11111111")
     assert status == 1, seen[-2000:]
     assert "Enter PEM pass phrase:" in seen
-    assert count_calls(log, "C_Login") > 2, seen[-2000:]  # the file's PIN, then the typed one, repeated
+    assert count_calls(wrong_pin.log, "C_Login") > 2, seen[-2000:]  # the file's PIN, then the typed one, repeated
 
-    log.unlink()
-    args = client_args(python, route, KeyKind.P256, echo.port, "TLSv1_3", "")
-    status, seen = answer_prompts(args, wrong_pin_env, tmp_path, "11111111")
+    wrong_pin.log.unlink()
+    status, seen = answer_prompts([*args, ""], wrong_pin.env, tmp_path, "11111111")
     assert status == 1, seen[-2000:]
     assert "Enter" not in seen, seen[-2000:]
-    assert count_calls(log, "C_Login") == 1
+    assert count_calls(wrong_pin.log, "C_Login") == 1
 
 
 IMPORT = """
@@ -373,7 +400,7 @@ def test_commands_and_refusal_on_the_stand_in(
 
     # What the stand-in wrote serves the stock route in the stand-in.
     env_route = {**route.env("provider", "provider"), "OPENSSL_CONF": str(cnf)}
-    args = client_args(static_python, route, KeyKind.P256, echo.port, "TLSv1_3", "")
+    args = card_args(static_python, route, KeyKind.P256, echo.port, "TLSv1_3", "")
     args[args.index(str(route.key_pem(KeyKind.P256)))] = str(tmp_path / "key.pem")
     proc = run_stock_client(args, env_route, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
