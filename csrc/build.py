@@ -22,14 +22,15 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def _loaded_openssl_libraries() -> list[str]:
+def _loaded_openssl_libraries() -> list[str] | None:
+    """The shared libssl/libcrypto _ssl loaded; None without /proc/self/maps."""
     import _ssl  # noqa: F401  (loads libssl/libcrypto into this process)
 
     found: list[str] = []
     try:
         maps = pathlib.Path("/proc/self/maps").read_text()
     except OSError:
-        return found
+        return None
     for line in maps.splitlines():
         parts = line.split(None, 5)
         if len(parts) == 6:
@@ -63,22 +64,40 @@ def _build_flags() -> dict[str, Any]:
         link_args += ["-lssl", "-lcrypto"]
     else:
         libs = _loaded_openssl_libraries()
-        if len(libs) != 2:
-            sys.exit(
-                f"mtls_engine: this Python's _ssl module does not load libssl and "
-                f"libcrypto as shared libraries (found: {libs!r}). mtls_engine needs the "
-                "same shared OpenSSL as the interpreter; use a Python built against "
-                "a shared OpenSSL, or set MTLS_ENGINE_OPENSSL_PREFIX."
+        if libs == []:
+            # OpenSSL built into the interpreter (uv's python-build-standalone):
+            # no extension can share it.  Build against the system's shared
+            # OpenSSL for what needs no SSL_CTX (config, uri-pem, list,
+            # check); load_card_key refuses on such a Python (mtls_engine/_lib.py).
+            print(
+                "mtls_engine: OpenSSL is built into this Python (as in the Pythons uv installs, "
+                "python-build-standalone): building against the system's shared OpenSSL for the "
+                "commands config, uri-pem, list and check; load_card_key will refuse this Python "
+                "(docs/support.md, 'Pythons with OpenSSL built in')",
+                file=sys.stderr,
             )
-        # Link by full path: records the same soname _ssl uses and does not
-        # depend on the unversioned libssl.so development link.
-        link_args += sorted(libs, key=lambda p: "libcrypto" in p)
-        libdir = os.path.dirname(libs[0])
-        inc = os.path.normpath(os.path.join(libdir, "..", "include"))
-        if os.path.exists(os.path.join(inc, "openssl", "ssl.h")) and not inc.startswith("/usr"):
-            include_dirs.append(inc)
-        if libdir not in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") and not libdir.startswith(("/lib/", "/usr/lib/")):
-            runtime_dirs.append(libdir)
+            ossl = _pkg_config("--cflags", "--libs", "openssl")
+            include_dirs += [a[2:] for a in ossl if a.startswith("-I")]
+            link_args += [a for a in ossl if not a.startswith("-I")] or ["-lssl", "-lcrypto"]
+        else:
+            if libs is None or len(libs) != 2:
+                sys.exit(
+                    f"mtls_engine: this Python's _ssl module does not load libssl and "
+                    f"libcrypto as shared libraries (found: {libs!r}). mtls_engine needs the "
+                    "same shared OpenSSL as the interpreter; use a Python built against "
+                    "a shared OpenSSL, or set MTLS_ENGINE_OPENSSL_PREFIX."
+                )
+            # Link by full path: records the same soname _ssl uses and does not
+            # depend on the unversioned libssl.so development link.
+            link_args += sorted(libs, key=lambda p: "libcrypto" in p)
+            libdir = os.path.dirname(libs[0])
+            inc = os.path.normpath(os.path.join(libdir, "..", "include"))
+            if os.path.exists(os.path.join(inc, "openssl", "ssl.h")) and not inc.startswith("/usr"):
+                include_dirs.append(inc)
+            if libdir not in ("/lib", "/usr/lib", "/lib64", "/usr/lib64") and not libdir.startswith(
+                ("/lib/", "/usr/lib/")
+            ):
+                runtime_dirs.append(libdir)
     p11 = _pkg_config("--cflags", "p11-kit-1")
     include_dirs += [a[2:] for a in p11 if a.startswith("-I")]
     if not p11:

@@ -71,6 +71,9 @@ def _imported_by_the_console_script() -> bool:
 _import_refusal: InterpreterSslError | None = None
 
 try:
+    # First: the interpreter checks (before anything else is imported, so a
+    # refused interpreter hears why, not that some dependency is missing).
+    from . import _lib  # noqa: F401
     from ._api import CardKey, client_context, load_card_key
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo

@@ -52,7 +52,7 @@ from ._errors import (
     TokenNotFound,
     UriError,
 )
-from ._lib import InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
+from ._lib import BUILT_IN_OPENSSL, InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
 from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._secret import wipe
@@ -234,7 +234,7 @@ class Checker:
             "extension_openssl_built": built_with,
             "libssl": libssl,
             "libcrypto": libcrypto,
-            "same_library": True,
+            "same_library": BUILT_IN_OPENSSL is None,
             "interpreter": {
                 "implementation": here.implementation,
                 "version": python,
@@ -254,7 +254,16 @@ class Checker:
             f"{ssl.OPENSSL_VERSION}; {here.implementation} {python} ({build} build); "
             f"Python's ssl and mtls_engine share {libssl}"
         )
-        if lib.mtls_built_openssl_number() > lib.OpenSSL_version_num():
+        if BUILT_IN_OPENSSL is not None:
+            # The steps up to the test signature run on the extension's own
+            # (the system's) OpenSSL; only the handshake needs Python's.
+            st.warn(
+                f"{ssl.OPENSSL_VERSION} built into {here.implementation} {python}; mtls_engine uses {libssl}: "
+                "the steps below run, a handshake (--connect) cannot",
+                str(BUILT_IN_OPENSSL),
+                **facts,
+            )
+        elif lib.mtls_built_openssl_number() > lib.OpenSSL_version_num():
             st.warn(
                 summary,
                 f"mtls_engine was compiled with the headers of OpenSSL {built_with}, newer than the OpenSSL it runs "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from . import _lib
 from ._errors import InterpreterSslError, NotAnSSLContext
 from ._fork import ForkSafeLock
 from ._lib import OBJECT_HEADER_SIZE, ffi, lib
@@ -57,6 +58,9 @@ def ssl_ctx_pointer(ctx: object, *, header_size: int | None = None) -> Any:
             f"expected an ssl.SSLContext, got {type(ctx).__module__}.{type(ctx).__qualname__}; "
             "create one with ssl.create_default_context() or mtls_engine.client_context()"
         )
+    if _lib.BUILT_IN_OPENSSL is not None:
+        # A fresh error each time: re-raising the stored one would grow its traceback.
+        raise InterpreterSslError(str(_lib.BUILT_IN_OPENSSL))
     offset = _header_size() if header_size is None else header_size
     ptr_size = ffi.sizeof("void *")
     if type(ctx).__basicsize__ < offset + ptr_size:

@@ -100,13 +100,90 @@ def check_interpreter(facts: InterpreterFacts | None = None) -> int:
     return f.object_header
 
 
+def _ssl_module_path() -> str | None:
+    import _ssl
+
+    return getattr(_ssl, "__file__", None)
+
+
+def _is_openssl_library(path: str) -> bool:
+    return os.path.basename(path).startswith(("libssl", "libcrypto"))
+
+
+# What a Python with OpenSSL built in (python-build-standalone, which uv
+# installs) can still do: the stock route, which needs no OpenSSL symbol of
+# the interpreter (measured, docs/support.md).
+_INSTEAD = (
+    "Use a Python whose ssl module links the system's shared libssl: the distribution's python3 "
+    "(Debian: /usr/bin/python3), pyenv, or uv told to use it (uv venv --python /usr/bin/python3, "
+    "or UV_PYTHON_PREFERENCE=only-system)"
+)
+
+
+def mapped_openssl_libraries(maps: str | None = None) -> list[str] | None:
+    """The shared libssl/libcrypto files mapped into this process, read from
+    ``/proc/self/maps`` (or from ``maps``); None where that file does not
+    exist (not Linux), so nothing can be said."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                maps = f.read()
+        except OSError:
+            return None
+    found: list[str] = []
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6:
+            path = parts[5].strip()
+            if _is_openssl_library(path) and ".so" in os.path.basename(path) and path not in found:
+                found.append(path)
+    return found
+
+
+def check_openssl_is_shared(mapped: list[str] | None = None, *, ssl_module: str | None = None) -> None:
+    """Raise InterpreterSslError when this process, whose ``_ssl`` is loaded,
+    has no shared libssl/libcrypto mapped: OpenSSL is then inside the
+    interpreter (as in python-build-standalone) and no extension can reach
+    its SSL_CTX.  Runs at import, before the extension is loaded."""
+    if mapped is None:
+        mapped = mapped_openssl_libraries()
+        if mapped is None:
+            return  # no /proc: check_same_openssl decides after the load
+    if mapped:
+        return
+    where = ssl_module if ssl_module is not None else (_ssl_module_path() or "built into the interpreter")
+    raise InterpreterSslError(
+        f"this Python has OpenSSL built in: its ssl module ({where}) loads no shared libssl/libcrypto, "
+        "as in the Pythons uv installs (python-build-standalone), so the SSL_CTX inside an "
+        "ssl.SSLContext belongs to a copy of OpenSSL that no extension can reach and mtls_engine cannot "
+        "attach a card key to it (its commands config, uri-pem, list and check work, without a "
+        f"handshake). {_INSTEAD}; or, with no mtls_engine in the program, let this Python's "
+        "own OpenSSL load pkcs11-provider: OPENSSL_CONF from 'python -m mtls_engine config --backend "
+        "provider --pin-source file:PATH' and a key file from 'python -m mtls_engine uri-pem', then "
+        "ctx.load_cert_chain(cert, key_file, password='') (docs/support.md, 'Pythons with OpenSSL built in')"
+    )
+
+
 # Before the extension is loaded: on an interpreter mtls_engine cannot serve,
 # say why instead of failing to load the binding (or worse, loading it).
 OBJECT_HEADER_SIZE = check_interpreter()
 
+# A Python with OpenSSL built in (uv's): the extension, linked to the
+# system's shared OpenSSL, still serves what needs no SSL_CTX (config,
+# uri-pem, list, check); every SSL_CTX access raises this refusal instead
+# (_context.ssl_ctx_pointer), before a card is touched.
+BUILT_IN_OPENSSL: InterpreterSslError | None
+try:
+    check_openssl_is_shared()
+    BUILT_IN_OPENSSL = None
+except InterpreterSslError as _refusal:
+    BUILT_IN_OPENSSL = _refusal
+
 try:
     from ._binding import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the build
+    if BUILT_IN_OPENSSL is not None:
+        raise InterpreterSslError(f"{BUILT_IN_OPENSSL} (and the C extension cannot be loaded: {exc})") from exc
     raise InterpreterSslError(
         f"the mtls_engine C extension cannot be loaded ({exc}); reinstall the "
         "package with the same Python that runs it (pip install --force-reinstall "
@@ -120,6 +197,7 @@ BINDING_PATH = os.path.abspath(sys.modules[__name__.rpartition(".")[0] + "._bind
 
 __all__ = [
     "BINDING_PATH",
+    "BUILT_IN_OPENSSL",
     "OBJECT_HEADER_SIZE",
     "InterpreterFacts",
     "check_interpreter",
@@ -135,12 +213,6 @@ __all__ = [
 _PROBES = ("SSL_CTX_new", "OpenSSL_version_num")
 
 
-def _ssl_module_path() -> str | None:
-    import _ssl
-
-    return getattr(_ssl, "__file__", None)
-
-
 def _same_file(a: str, b: str | None) -> bool:
     if not b:
         return False
@@ -150,14 +222,11 @@ def _same_file(a: str, b: str | None) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _is_openssl_library(path: str) -> bool:
-    return os.path.basename(path).startswith(("libssl", "libcrypto"))
-
-
 _STATIC_ADVICE = (
     "mtls_engine needs a Python whose _ssl module links libssl/libcrypto as shared libraries "
     "(a distribution's python3, or pyenv/python-build against the system OpenSSL; not a "
-    "relocatable build that bundles OpenSSL, such as python-build-standalone)"
+    "relocatable build that bundles OpenSSL, such as python-build-standalone, which uv installs: "
+    "uv venv --python /usr/bin/python3, or UV_PYTHON_PREFERENCE=only-system, makes uv use the system's)"
 )
 _REBUILD_ADVICE = (
     "rebuild mtls_engine with the Python that runs it (pip install --force-reinstall "
@@ -226,4 +295,5 @@ def raise_openssl(message: str, cls: type[OpenSSLError] = OpenSSLError) -> None:
     raise cls(message, consume_errors())
 
 
-check_same_openssl()
+if BUILT_IN_OPENSSL is None:
+    check_same_openssl()

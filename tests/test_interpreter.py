@@ -12,6 +12,7 @@ The same file runs in every interpreter of the compatibility matrix
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import shutil
@@ -28,8 +29,9 @@ import mtls_engine
 from mtls_engine import _lib
 from mtls_engine._context import ssl_ctx_pointer
 from mtls_engine._lib import InterpreterFacts, check_interpreter, check_same_openssl, expected_object_header, lib
+from mtls_engine._softhsm import KeyKind
 
-from .conftest import need
+from .conftest import Pki, need
 from .helpers import ROOT, run_module, run_python
 
 
@@ -194,6 +196,22 @@ _PREPARE = {
 }
 
 
+# OpenSSL built into the interpreter (python-build-standalone): the
+# process maps no shared libssl/libcrypto.  The stand-in hides them
+# from the one place the check reads.
+_BUILT_IN = (
+    "import builtins, io\n_open = builtins.open\n"
+    "def _without_openssl(file, *a, **k):\n"
+    "    f = _open(file, *a, **k)\n"
+    "    if file != '/proc/self/maps':\n"
+    "        return f\n"
+    "    with f:\n"
+    "        lines = f.read().splitlines(True)\n"
+    "    return io.StringIO(''.join(ln for ln in lines if '/libssl' not in ln and '/libcrypto' not in ln))\n"
+    "builtins.open = _without_openssl"
+)
+
+
 @pytest.mark.parametrize("case", sorted(_PREPARE))
 def test_import_refuses_before_loading_the_extension(case: str) -> None:
     if case == "trace-refs" and sys.version_info >= (3, 13):
@@ -289,6 +307,51 @@ def test_ssl_module_with_static_openssl_hidden(stand_ins: StandIns) -> None:
     path = stand_ins.build("_ssl_static_hidden.so", _SSL_STATIC_HIDDEN)
     with pytest.raises(mtls_engine.InterpreterSslError, match=r"does not use a shared OpenSSL: SSL_CTX_new is not "):
         check_same_openssl(path, version=lib.OpenSSL_version_num())
+
+
+_MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234  /opt/python/bin/python3.12
+7f0000000000-7f0000001000 r-xp 00000000 fe:01 2345  /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f0000001000-7f0000002000 r--p 00001000 fe:01 2345  /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f0000002000-7f0000003000 r-xp 00000000 fe:01 3456  /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f0000003000-7f0000004000 rw-p 00000000 00:00 0
+7f0000004000-7f0000005000 r-xp 00000000 fe:01 4567  /usr/lib/x86_64-linux-gnu/libc.so.6
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0  [stack]
+"""
+
+
+def test_mapped_openssl_libraries_are_read_from_the_maps() -> None:
+    assert _lib.mapped_openssl_libraries(_MAPS) == [
+        "/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+    ]  # fmt: skip
+    no_openssl = "".join(ln + "\n" for ln in _MAPS.splitlines() if "/libssl" not in ln and "/libcrypto" not in ln)
+    assert _lib.mapped_openssl_libraries(no_openssl) == []
+
+
+def test_this_process_maps_the_openssl_the_extension_uses() -> None:
+    mapped = _lib.mapped_openssl_libraries()
+    if mapped is None:
+        pytest.skip("no /proc/self/maps on this system")
+    mine = _lib.text(lib.mtls_library_of(lib.mtls_own_symbol(b"SSL_CTX_new")))
+    assert any(os.path.samefile(mine, m) for m in mapped), (mine, mapped)
+    _lib.check_openssl_is_shared()  # what the import did, again
+
+
+def test_openssl_built_into_the_interpreter_is_refused_naming_uv() -> None:
+    """A Python whose process maps no shared OpenSSL (python-build-standalone,
+    as uv installs it): the refusal says why and what works instead."""
+    with pytest.raises(mtls_engine.InterpreterSslError) as e:
+        _lib.check_openssl_is_shared([], ssl_module="built into the interpreter")
+    msg = str(e.value)
+    assert msg.startswith(
+        "this Python has OpenSSL built in: its ssl module (built into the interpreter) loads no shared "
+        "libssl/libcrypto, as in the Pythons uv installs (python-build-standalone), so the SSL_CTX"
+    ), msg
+    for advice in ("/usr/bin/python3", "pyenv", "uv venv --python /usr/bin/python3", "UV_PYTHON_PREFERENCE=only-system",
+                   "OPENSSL_CONF from 'python -m mtls_engine config --backend provider --pin-source file:PATH'",
+                   "'python -m mtls_engine uri-pem'", "ctx.load_cert_chain(cert, key_file, password='')"):  # fmt: skip
+        assert advice in msg, advice
+    _lib.check_openssl_is_shared(["/usr/lib/x86_64-linux-gnu/libssl.so.3"])  # a shared one: accepted
 
 
 def test_a_real_module_with_static_openssl() -> None:
@@ -411,3 +474,87 @@ def test_applications_run_with_dash_m_still_get_the_error(tmp_path: Path) -> Non
         assert "Traceback" in proc.stderr
         last = proc.stderr.splitlines()[-1]
         assert last.startswith("mtls_engine._errors.InterpreterSslError: mtls_engine needs CPython"), last
+
+
+# ---- a Python with OpenSSL built in (uv's python-build-standalone) ------------------
+# Stood in for by _BUILT_IN (this process's maps without libssl/libcrypto);
+# the real thing, built by ci/build_static_python.sh, is in test_static_python.py.
+
+_BUILT_IN_USE = """
+import ssl, sys
+import mtls_engine
+from mtls_engine import _lib
+print("binding loaded:", "mtls_engine._binding" in sys.modules)
+# A module that does not exist: a refusal that came after touching the card
+# would be a ModuleLoadError.
+for name, call in (
+    ("load_card_key", lambda: mtls_engine.load_card_key(
+        ssl.create_default_context(), "pkcs11:token=t;object=k;type=private", module="/nonexistent/p11.so")),
+    ("client_context", lambda: mtls_engine.client_context(
+        "pkcs11:token=t;object=k;type=private", module="/nonexistent/p11.so")),
+):
+    try:
+        call()
+    except mtls_engine.Error as exc:
+        print(name, type(exc).__name__, exc)
+    else:
+        print(name, "no error")
+"""
+
+
+def test_a_python_with_openssl_built_in_imports_and_refuses_every_ssl_context() -> None:
+    """The package imports (for config, uri-pem, list, check), and every
+    call that would reach an SSL_CTX raises the refusal that names uv and
+    the recipe, before any PKCS#11 module is loaded."""
+    proc = run_python(_BUILT_IN + "\n" + _BUILT_IN_USE)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "binding loaded: True"
+    import _ssl
+
+    where = getattr(_ssl, "__file__", None) or "built into the interpreter"
+    refusal = f"InterpreterSslError this Python has OpenSSL built in: its ssl module ({where}) loads no shared"
+    assert lines[1].startswith(f"load_card_key {refusal}"), lines[1]
+    assert lines[2].startswith(f"client_context {refusal}"), lines[2]
+    assert "UV_PYTHON_PREFERENCE=only-system" in lines[1] and "password=''" in lines[1]
+
+
+def test_commands_on_a_python_with_openssl_built_in(pki: Pki, tmp_path: Path) -> None:
+    """config, uri-pem and list work there; check runs every step up to the
+    test signature, warns at the openssl step with the refusal, and fails
+    the handshake with it."""
+    from .servers import echo_server, server_context
+
+    site = _stand_in_site(tmp_path / "site", _BUILT_IN)
+    key = pki.key_uri(KeyKind.P256)
+    proc = run_module("mtls_engine", "uri-pem", key, site=site)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("-----BEGIN PKCS#11 PROVIDER URI-----"), proc.stdout
+    proc = run_module("mtls_engine", "config", "--module", pki.module, "--backend", "provider", site=site)
+    assert proc.returncode == 0, proc.stderr
+    assert f'pkcs11-module-path = "{pki.module}"' in proc.stdout, proc.stdout
+    proc = run_module("mtls_engine", "list", "--module", pki.module, "--json", site=site)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["module"]["path"] == pki.module
+    assert '"label": "card1"' in proc.stdout, proc.stdout
+
+    pin = tmp_path / "pin"
+    pin.write_text(pki.card1.pin)
+    args = ["check", "--module", pki.module, "--pin-source", f"file:{pin}", "--key", key, "--json"]
+    proc = run_module("mtls_engine", *args, site=site)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+    assert {k for k, s in steps.items() if s["status"] != "ok"} == {"openssl", "connect"}
+    assert steps["openssl"]["status"] == "warn" and steps["openssl"]["facts"]["same_library"] is False
+    assert steps["openssl"]["hint"].startswith("this Python has OpenSSL built in")
+    assert steps["connect"]["status"] == "skip"
+
+    with echo_server(server_context(pki.server_cert, pki.server_key, pki.ca_file)) as srv:
+        more = ["--connect", f"localhost:{srv.port}", "--cafile", str(pki.ca_file)]
+        proc = run_module("mtls_engine", *args, *more, site=site)
+        assert srv.seen == []
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    connect = json.loads(proc.stdout)["steps"][-1]
+    assert connect["status"] == "fail" and connect["facts"]["error"] == "InterpreterSslError", connect
+    assert connect["summary"].startswith("this Python has OpenSSL built in"), connect
+    assert pki.card1.pin not in proc.stdout + proc.stderr
