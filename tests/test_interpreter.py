@@ -478,7 +478,7 @@ def test_applications_run_with_dash_m_still_get_the_error(tmp_path: Path) -> Non
 
 # ---- a Python with OpenSSL built in (uv's python-build-standalone) ------------------
 # Stood in for by _BUILT_IN (this process's maps without libssl/libcrypto);
-# the real thing, built by ci/build_static_python.sh, is in test_static_python.py.
+# the real thing (MTLS_STATIC_PYTHON, on demand) is in test_static_python.py.
 
 _BUILT_IN_USE = """
 import ssl, sys

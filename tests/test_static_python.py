@@ -1,11 +1,11 @@
-"""Pythons with OpenSSL built in (uv's python-build-standalone), against a
-stand-in built by ``ci/build_static_python.sh``: CPython whose ``_ssl`` is
-part of libpython, linked with the static libssl.a/libcrypto.a and
-``-Wl,--exclude-libs,ALL``.
+"""Pythons with OpenSSL built in (uv's python-build-standalone), against such
+an interpreter (or a stand-in of the same shape: CPython whose ``_ssl`` is
+part of libpython, linked with the static libssl.a/libcrypto.a and its
+symbols hidden).
 
 On demand: these tests run when ``MTLS_STATIC_PYTHON`` names that
-interpreter and skip otherwise, in CI too (the build needs CPython's source,
-which CI does not download; docs/support.md).  The same decisions are
+interpreter and skip otherwise, in CI too (CI has no such interpreter;
+docs/support.md).  The same decisions are
 tested without the stand-in in tests/test_interpreter.py.
 
 What they measure is the stock route, which needs no symbol of the
@@ -53,7 +53,7 @@ def static_python() -> str:
     path = os.environ.get(STATIC_ENV)
     if not path:
         pytest.skip(
-            f"on demand: {STATIC_ENV} names no interpreter (build one with ci/build_static_python.sh; "
+            f"on demand: {STATIC_ENV} names no interpreter (a uv-managed Python, or one built the same way; "
             "docs/support.md, 'Pythons with OpenSSL built in')"
         )
     # Named but unusable is a mistake, not a reason to skip.
