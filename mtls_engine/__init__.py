@@ -11,11 +11,13 @@ from ._errors import (
     BackendUnavailable,
     CertificateError,
     CertKeyMismatch,
+    ClientAuthNotRequired,
     ConfigError,
     CrlError,
     Error,
     InterpreterSslError,
     ModuleLoadError,
+    NoClientCertificate,
     NotAnSSLContext,
     ObjectNotFound,
     OpenSSLError,
@@ -70,6 +72,7 @@ _import_refusal: InterpreterSslError | None = None
 
 try:
     from ._api import CardKey, client_context, load_card_key
+    from ._identity import client_identity, require_client_auth
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
@@ -88,11 +91,13 @@ __all__ = [
     "CardKey",
     "CertKeyMismatch",
     "CertificateError",
+    "ClientAuthNotRequired",
     "ConfigError",
     "CrlError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
+    "NoClientCertificate",
     "NotAnSSLContext",
     "ObjectNotFound",
     "OpenSSLError",
@@ -109,6 +114,7 @@ __all__ = [
     "TokenUnavailable",
     "UriError",
     "client_context",
+    "client_identity",
     "describe_failure",
     "extract",
     "inject",
@@ -119,5 +125,6 @@ __all__ = [
     "pin_source",
     "prompt_pin",
     "reconnect",
+    "require_client_auth",
     "server_context",
 ]

@@ -1,0 +1,188 @@
+"""Application servers with an mtls_engine server context: the supported
+way to hand each one an ``ssl.SSLContext``, checked at start-up, and the
+client's certificate where the server gives the app none.
+
+- uvicorn (>= 0.47): :func:`uvicorn_config` returns a ``uvicorn.Config``
+  whose ``ssl_context_factory`` returns the context and whose HTTP protocol
+  (uvicorn's ``http=`` setting, h11) puts the ASGI TLS extension
+  (``scope["extensions"]["tls"]``) into every request's scope.
+- hypercorn: :func:`hypercorn_config` returns a ``hypercorn.config.Config``
+  whose ``create_ssl_context`` returns the context (with hypercorn's ALPN
+  protocols).  Hypercorn gives the app no certificate (see docs/servers.md).
+- gunicorn (>= 21): :func:`gunicorn_ssl_context` makes the ``ssl_context``
+  server hook of a configuration file; the WSGI environ's
+  ``gunicorn.socket`` is the TLS socket.
+- aiohttp.web takes the context as it is (``ssl_context=``); a request's
+  ``transport.get_extra_info("ssl_object")`` is the TLS connection.
+
+Nothing here is imported by ``import mtls_engine``; each server is imported
+only by the function that needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ._errors import ConfigError, Error
+from ._identity import require_client_auth
+
+__all__ = ["gunicorn_ssl_context", "hypercorn_config", "reload_crls_on_sighup", "tls_extension", "uvicorn_config"]
+
+log = logging.getLogger("mtls_engine.server")
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+
+def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
+    """The ASGI TLS extension (``scope["extensions"]["tls"]``) of a finished
+    handshake: ``client_cert_chain`` (PEM, the client's own first),
+    ``client_cert_name`` (RFC 4514), ``tls_version`` and ``cipher_suite``
+    (numbers); ``server_cert`` is None (the ssl module does not give it)."""
+    from ._identity import client_identity
+
+    unverified = getattr(ssl_object, "get_unverified_chain", None)  # Python 3.13+: DER bytes, the client's first
+    ders: list[bytes] = [bytes(c) for c in (unverified() or [])] if unverified is not None else []
+    if not ders:
+        leaf = ssl_object.getpeercert(binary_form=True)
+        ders = [leaf] if leaf else []
+    chain = [ssl.DER_cert_to_PEM_cert(d) for d in ders]
+    cipher = ssl_object.cipher()
+    suite = None
+    if cipher is not None:
+        for c in ssl_object.context.get_ciphers():
+            if c["name"] == cipher[0]:
+                suite = int(c["id"]) & 0xFFFF
+                break
+    version = ssl_object.version()
+    return {
+        "server_cert": None,
+        "client_cert_chain": chain,
+        "client_cert_name": client_identity(ders[0], san=False)["subject"] if ders else None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(version or ""),
+        "cipher_suite": suite,
+    }
+
+
+def _with_tls(app: ASGIApp, tls: dict[str, Any]) -> ASGIApp:
+    """``app`` with ``tls`` as the TLS extension of every HTTP and WebSocket scope."""
+
+    async def app_with_tls(scope: Scope, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            scope["extensions"] = {**(scope.get("extensions") or {}), "tls": tls}
+        await app(scope, receive, send)
+
+    return app_with_tls
+
+
+_UVICORN_TLS_OPTIONS = ("ssl_keyfile", "ssl_certfile", "ssl_keyfile_password", "ssl_cert_reqs", "ssl_ca_certs",
+                        "ssl_ciphers", "ssl_version", "ssl_context_factory", "http")  # fmt: skip
+
+
+def uvicorn_config(app: Any, ssl_context: ssl.SSLContext, **settings: Any) -> Any:
+    """A loaded ``uvicorn.Config`` for ``app`` (with ``settings``: host,
+    port, ...) serving TLS with ``ssl_context``, every request's scope
+    carrying the TLS extension.  Raises ClientAuthNotRequired when the
+    context uvicorn will use does not require a client certificate, and
+    ConfigError for uvicorn's own TLS settings (they would build another
+    context)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    given = [name for name in _UVICORN_TLS_OPTIONS if name in settings]
+    if given:
+        raise ConfigError(
+            f"uvicorn_config() sets uvicorn's TLS itself; drop {', '.join(given)} (the mtls_engine context "
+            "holds the server key, the client CAs and the CRLs)"
+        )
+    require_client_auth(ssl_context, "the SSLContext given to uvicorn_config()")
+
+    class TLSExtensionProtocol(H11Protocol):  # type: ignore[misc]
+        """uvicorn's h11 protocol, each connection's app seeing the TLS extension."""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            tls = transport.get_extra_info("ssl_object")
+            if tls is not None:  # asyncio calls connection_made after the handshake
+                self.app = _with_tls(self.app, tls_extension(tls))
+
+    config = uvicorn.Config(
+        app, ssl_context_factory=lambda config, default_factory: ssl_context, http=TLSExtensionProtocol, **settings
+    )
+    config.load()
+    require_client_auth(config.ssl, "the SSLContext uvicorn will serve with")
+    return config
+
+
+def hypercorn_config(ssl_context: ssl.SSLContext, **settings: Any) -> Any:
+    """A ``hypercorn.config.Config`` (``settings``: bind, alpn_protocols, ...)
+    serving TLS with ``ssl_context`` (HTTP/2 and HTTP/1.1 offered by ALPN,
+    as hypercorn's own context does).  Raises ClientAuthNotRequired when
+    the context does not require a client certificate, and ConfigError for
+    hypercorn's own TLS settings (they would build another context)."""
+    from hypercorn.config import Config
+
+    given = [n for n in ("certfile", "keyfile", "ca_certs", "verify_mode", "verify_flags", "ciphers") if n in settings]
+    if given:
+        raise ConfigError(
+            f"hypercorn_config() sets hypercorn's TLS itself; drop {', '.join(given)} (the mtls_engine context "
+            "holds the server key, the client CAs and the CRLs)"
+        )
+    require_client_auth(ssl_context, "the SSLContext given to hypercorn_config()")
+
+    class CardConfig(Config):  # type: ignore[misc]
+        @property
+        def ssl_enabled(self) -> bool:
+            return True
+
+        def create_ssl_context(self) -> ssl.SSLContext:
+            ssl_context.set_alpn_protocols(self.alpn_protocols)
+            return require_client_auth(ssl_context, "the SSLContext hypercorn will serve with")
+
+    config = CardConfig()
+    for name, value in settings.items():
+        if not hasattr(config, name):
+            raise ConfigError(f"hypercorn's Config has no setting {name!r}")
+        setattr(config, name, value)
+    return config
+
+
+def gunicorn_ssl_context(ssl_context: ssl.SSLContext) -> Callable[[Any, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    """gunicorn's ``ssl_context`` server hook (set it in the configuration
+    file: ``ssl_context = gunicorn_ssl_context(ctx)``) returning ``ctx``
+    for every connection.  Raises ClientAuthNotRequired at once (while
+    gunicorn reads its configuration) when ``ctx`` does not require a
+    client certificate."""
+    require_client_auth(ssl_context, "the SSLContext given to gunicorn_ssl_context()")
+
+    def ssl_context_hook(config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return ssl_context
+
+    return ssl_context_hook
+
+
+def _reload(ctx: ssl.SSLContext, crlfile: str) -> None:
+    from ._server import load_crls
+
+    try:
+        n = load_crls(ctx, crlfile)
+    except Error as exc:  # a bad or expired CRL: the CRLs loaded before stay
+        log.error("SIGHUP: CRL not reloaded: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %d CRL(s) from %s", n, crlfile)
+
+
+def reload_crls_on_sighup(ctx: ssl.SSLContext, crlfile: str | os.PathLike[str]) -> None:
+    """From now on, SIGHUP makes ``ctx`` take the CRLs in ``crlfile`` again
+    (the next handshake is checked against them; a bad CRL is logged and the
+    old ones stay).  Call it in the server's running event loop (its start-up)."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, ctx, os.fspath(crlfile))

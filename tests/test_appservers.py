@@ -1,0 +1,410 @@
+"""Card-holders in application servers: uvicorn (Starlette), hypercorn,
+gunicorn (Flask, pre-fork workers) and aiohttp.web, each run in its own
+process from the files of docs/servers.md as they stand, with the server key
+in a PEM file and on a SoftHSM2 token.  Real requests: httpx with a client
+key file and an mtls_engine card-key client, TLS 1.2 and 1.3.  Refused
+clients (revoked, no certificate) never reach the app and the reason is in
+the server's log; a CRL replaced while the server runs (SIGHUP) revokes the
+next connection; gunicorn's workers each use the token key, their C_Login
+calls counted through the PKCS#11 shim."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import mtls_engine
+from mtls_engine._softhsm import KeyKind
+
+from . import p11shim
+from .conftest import BACKEND_STATUS, SHIM_PIN, TEST_PIN, Pki, ShimCard, need
+from .helpers import ROOT
+
+DOC = ROOT / "docs" / "servers.md"
+SERVERS = ("uvicorn", "hypercorn", "gunicorn", "aiohttp")
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+START_TIMEOUT = 60.0
+
+
+_SNIPPET = re.compile(r"<!-- snippet: (?P<name>\S+) -->\n```python\n(?P<code>.*?)```", re.S)
+
+
+def snippets() -> dict[str, str]:
+    return {m.group("name"): m.group("code") for m in _SNIPPET.finditer(DOC.read_text())}
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+_NEEDS = {"uvicorn": ("uvicorn", "starlette"), "hypercorn": ("hypercorn",), "gunicorn": ("gunicorn", "flask"),
+          "aiohttp": ("aiohttp",)}  # fmt: skip
+
+
+def need_server(server: str) -> None:
+    missing = [m for m in _NEEDS[server] if not _have(m)]
+    need(not missing, f"{server} test needs {', '.join(missing)} (pip install 'mtls_engine[{server}]')")
+
+
+def _command(server: str) -> list[str]:
+    if server == "gunicorn":
+        return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "flask_app:app"]
+    return [sys.executable, f"{server}_app.py"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    server: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    folder: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def url(self, path: str = "/whoami") -> str:
+        return f"https://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start(server: str, folder: Path, env: dict[str, str]) -> Running:
+    """The server of docs/servers.md in a new process, listening."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, code in snippets().items():
+        (folder / name).write_text(code)
+    port = _free_port()
+    # (gunicorn >= 25 makes a control socket, by default in the home folder: keep it in this run's own)
+    full = {**os.environ, **env, "PORT": str(port), "XDG_RUNTIME_DIR": str(folder)}
+    full["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), full.get("PYTHONPATH", "")])
+    log = folder / f"{server}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(_command(server), cwd=folder, env=full, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)  # fmt: skip
+    running = Running(server, proc, port, log, folder)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{server} exited with {proc.returncode}:\n{running.output()[-4000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return running
+        except OSError:
+            time.sleep(0.1)
+    running.stop()
+    raise AssertionError(f"{server} did not listen within {START_TIMEOUT:g} s:\n{running.output()[-4000:]}")
+
+
+def client_ctx(ca: Path, version: str, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ctx.maximum_version = VERSIONS[version]
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+def get(running: Running, ctx: ssl.SSLContext, *, http2: bool = False, path: str = "/whoami") -> Any:
+    """One request on a new connection (so a new handshake), as JSON."""
+    with httpx.Client(verify=ctx, http2=http2, timeout=20) as client:
+        r = client.get(running.url(path), extensions={"sni_hostname": "localhost"})
+        r.raise_for_status()
+        return r.json()
+
+
+def refused(running: Running, ctx: ssl.SSLContext, path: str) -> bool:
+    """Whether the request is refused before any HTTP answer."""
+    try:
+        with httpx.Client(verify=ctx, timeout=20) as client:
+            client.get(running.url(path), extensions={"sni_hostname": "localhost"})
+    except httpx.TransportError:
+        return True
+    return False
+
+
+def expected_identity(cert_file: Path) -> dict[str, Any]:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return {"subject": cert.subject.rfc4514_string(), "serial": f"{cert.serial_number:x}",
+            "issuer": cert.issuer.rfc4514_string(), "not_after": cert.not_valid_after_utc.isoformat(),
+            "san": []}  # fmt: skip
+
+
+def answer_of(running: Running, doc: dict[str, Any]) -> dict[str, Any]:
+    """The identity part of an answer (gunicorn's also names its worker)."""
+    return {k: v for k, v in doc.items() if k != "worker"}
+
+
+def wait_until(predicate: Any, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@dataclass
+class Clients:
+    good: tuple[Path, Path]
+    revoked: tuple[Path, Path]
+    later: tuple[Path, Path]  # revoked while the server runs
+    crl: Path
+
+
+@pytest.fixture(scope="module")
+def clients(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Clients:
+    work = tmp_path_factory.mktemp("appserver-clients")
+    good = pki.ca.issue_client_files(work, "app client")
+    revoked = pki.ca.issue_client_files(work, "revoked client")
+    later = pki.ca.issue_client_files(work, "later revoked")
+    crl = work / "crl.pem"
+    crl.write_bytes(pki.ca.crl([x509.load_pem_x509_certificate(revoked[0].read_bytes())]))
+    return Clients(good, revoked, later, crl)
+
+
+@pytest.fixture(scope="module")
+def card_contexts(pki: Pki) -> dict[str, ssl.SSLContext]:
+    """Card-key clients (card1's P-256 key), one per TLS version."""
+    out = {}
+    for version in VERSIONS:
+        ctx = mtls_engine.client_context(key=pki.key_uri(KeyKind.P256), cafile=str(pki.ca_file), module=pki.module,
+                                         pin=TEST_PIN)  # fmt: skip
+        ctx.minimum_version = ctx.maximum_version = VERSIONS[version]
+        out[version] = ctx
+    return out
+
+
+def server_env(pki: Pki, crl: Path, where: str, token_server_cert: Path) -> dict[str, str]:
+    env = {"CLIENT_CA": str(pki.ca_file), "CRL": str(crl), "MTLS_ENGINE_MODULE": pki.module,
+           "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}  # fmt: skip
+    if where == "file":
+        env.update(SERVER_CERT=str(pki.server_cert), SERVER_KEY=str(pki.server_key))
+    else:
+        env.update(SERVER_CERT=str(token_server_cert), SERVER_KEY=pki.key_uri(KeyKind.P256, pki.card2),
+                   SERVER_PIN=pki.card2.pin)  # fmt: skip
+    return env
+
+
+@pytest.fixture
+def running() -> Iterator[list[Running]]:
+    started: list[Running] = []
+    yield started
+    for r in started:
+        r.stop()
+
+
+@pytest.mark.parametrize("where", ["file", "token"])
+@pytest.mark.parametrize("server", SERVERS)
+def test_card_holders_in_the_app(
+    server: str, where: str, pki: Pki, clients: Clients, card_contexts: dict[str, ssl.SSLContext],
+    token_server_cert: Path, tmp_path: Path, running: list[Running],
+) -> None:  # fmt: skip
+    need_server(server)
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(clients.crl.read_bytes())
+    srv = start(server, tmp_path / server, server_env(pki, crl, where, token_server_cert))
+    running.append(srv)
+    for version in VERSIONS:
+        file_client = client_ctx(pki.ca_file, version, *clients.good)
+        answers = [get(srv, file_client), get(srv, card_contexts[version])]
+        if server == "hypercorn":  # no identity for the app (docs/servers.md): the TLS layer admitted both
+            assert answers == [{"http_version": "1.1", "tls": False}] * 2
+            assert get(srv, file_client, http2=True) == {"http_version": "2", "tls": False}
+        else:
+            assert answer_of(srv, answers[0]) == expected_identity(clients.good[0])
+            assert answer_of(srv, answers[1]) == expected_identity(pki.cert_file(KeyKind.P256))
+        # refused by the TLS layer, the reason logged, the app never asked
+        assert refused(srv, client_ctx(pki.ca_file, version, *clients.revoked), f"/revoked-{version}")
+        assert refused(srv, client_ctx(pki.ca_file, version), f"/anonymous-{version}")
+    assert wait_until(lambda: srv.output().count(": revoked — ") >= 2 and srv.output().count(": no_certificate") >= 2)
+    out = srv.output()
+    assert "(CN=revoked client, serial " in out, out[-3000:]
+    assert "/revoked-" not in out and "/anonymous-" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_replaced_crl_revokes_the_next_connection(
+    server: str, pki: Pki, clients: Clients, token_server_cert: Path, tmp_path: Path, running: list[Running]
+) -> None:
+    need_server(server)
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(clients.crl.read_bytes())
+    srv = start(server, tmp_path / server, server_env(pki, crl, "file", token_server_cert))
+    running.append(srv)
+    later = client_ctx(pki.ca_file, "1.3", *clients.later)
+    get(srv, later)  # accepted under the first CRL
+    revoked = [x509.load_pem_x509_certificate(p.read_bytes()) for p in (clients.revoked[0], clients.later[0])]
+    crl.write_bytes(pki.ca.crl(revoked))
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    refusal = re.compile(r"\(CN=later revoked, serial [0-9a-f]+\): revoked — ")
+    assert wait_until(lambda: refused(srv, later, "/after-reload") and bool(refusal.search(srv.output()))), (
+        srv.output()[-3000:]
+    )
+    assert refused(srv, later, "/after-reload")
+    assert srv.proc.poll() is None  # no restart
+    get(srv, client_ctx(pki.ca_file, "1.3", *clients.good))  # others still served
+
+
+# -- gunicorn's pre-fork workers with the server key on the token --------------------------
+
+
+@pytest.fixture(scope="module")
+def shim_server_cert(pki: Pki, shim_card: ShimCard, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A localhost server certificate for the shim card's P-256 key (the
+    card's own certificate is a client one)."""
+    proc = subprocess.run(["pkcs11-tool", "--module", shim_card.store.module, "--token-label", shim_card.token.label,
+                           "--read-object", "--type", "cert", "--label", "ec256"],
+                          capture_output=True, env={**os.environ, **shim_card.store.env}, check=True)  # fmt: skip
+    pub = x509.load_der_x509_certificate(proc.stdout).public_key()
+    pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cert = pki.ca.issue(pem, "localhost", client=False, dns_names=("localhost",))
+    path = tmp_path_factory.mktemp("shim-server") / "server.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _logins(log: str) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for pid, name, rv, _ in p11shim.read_log_pids(log):
+        if name == "C_Login":
+            out.setdefault(pid, []).append(rv)
+    return out
+
+
+CKR_GENERAL_ERROR = 0x5
+
+
+@pytest.mark.parametrize("backend_name", ["engine", "provider"])
+def test_gunicorn_workers_sign_with_the_token_key(
+    backend_name: str, pki: Pki, shim_card: ShimCard, shim_server_cert: Path, clients: Clients, tmp_path: Path,
+    running: list[Running],
+) -> None:  # fmt: skip
+    need_server("gunicorn")
+    ok, why = BACKEND_STATUS[backend_name]()
+    need(ok, why)
+    env = {**shim_card.env(tmp_path / "shim"), "CLIENT_CA": str(pki.ca_file), "CRL": str(clients.crl),
+           "MTLS_ENGINE_MODULE": str(shim_card.shim), "SERVER_CERT": str(shim_server_cert),
+           "SERVER_KEY": shim_card.key_uri, "SERVER_PIN": SHIM_PIN, "SERVER_BACKEND": backend_name}  # fmt: skip
+    srv = start("gunicorn", tmp_path / "gunicorn", env)
+    running.append(srv)
+    ctx = client_ctx(pki.ca_file, "1.3", *clients.good)
+    workers: set[int] = set()
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(15):  # concurrent connections spread over the (one request at a time) workers
+            answers = list(pool.map(lambda _: get(srv, ctx), range(6)))
+            assert all(answer_of(srv, a) == expected_identity(clients.good[0]) for a in answers)
+            workers |= {a["worker"] for a in answers}
+            if len(workers) == 3:
+                break
+    assert len(workers) == 3, workers
+    logins = _logins(env["MTLS_SHIM_LOG"])
+    assert logins.pop(srv.proc.pid) == [0], logins  # the master: one login
+    if backend_name == "engine":  # SoftHSM2 keeps the master's login in every worker
+        assert logins == {}, logins
+    else:  # pkcs11-provider initialises the module again in each worker: one login each
+        assert set(logins) == workers, (logins, workers)
+        for rvs in logins.values():  # (CKR_GENERAL_ERROR: SoftHSM2 read its token file while another wrote it)
+            assert rvs[-1] == 0 and all(rv == CKR_GENERAL_ERROR for rv in rvs[:-1]), logins
+    assert SHIM_PIN not in srv.output()
+
+
+# -- start-up checks ------------------------------------------------------------------------
+
+
+def test_require_client_auth_names_what_is_wrong(pki: Pki) -> None:
+    good = mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    assert mtls_engine.require_client_auth(good) is good
+    good.verify_mode = ssl.CERT_OPTIONAL
+    with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"verify_mode is CERT_OPTIONAL.*server_context"):
+        mtls_engine.require_client_auth(good)
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"verify_mode is CERT_NONE"):
+        mtls_engine.require_client_auth(plain)
+    plain.verify_mode = ssl.CERT_REQUIRED
+    with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"trusts no CA.*client_cafile="):
+        mtls_engine.require_client_auth(plain)
+    with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"client context"):
+        mtls_engine.require_client_auth(ssl.create_default_context())
+    with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"is NoneType, not an ssl.SSLContext"):
+        mtls_engine.require_client_auth(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_context_without_client_auth_stops_the_server_at_start(
+    server: str, pki: Pki, clients: Clients, token_server_cert: Path, tmp_path: Path
+) -> None:
+    """The framework (or its user) resets verify_mode: the server exits at start-up with the named error."""
+    need_server(server)
+    folder = tmp_path / server
+    folder.mkdir()
+    for name, code in snippets().items():
+        (folder / name).write_text(code)
+    # card_server.py makes the context every server takes: reset it there.
+    with open(folder / "card_server.py", "a") as f:
+        f.write("ctx.verify_mode = __import__('ssl').CERT_OPTIONAL  # what a framework's default would do\n")
+    env = {**os.environ, **server_env(pki, clients.crl, "file", token_server_cert), "PORT": str(_free_port())}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(_command(server), cwd=folder, env=env, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "ClientAuthNotRequired" in out and "verify_mode is CERT_OPTIONAL" in out, out[-3000:]
+
+
+def test_uvicorn_config_refuses_uvicorns_own_tls_settings(pki: Pki) -> None:
+    need_server("uvicorn")
+    from mtls_engine.appservers import uvicorn_config
+
+    ctx = mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    with pytest.raises(mtls_engine.ConfigError, match=r"drop ssl_certfile, ssl_cert_reqs"):
+        uvicorn_config(object(), ctx, ssl_certfile=str(pki.server_cert), ssl_cert_reqs=ssl.CERT_NONE)
+
+
+def test_client_identity_from_each_form(pki: Pki, clients: Clients) -> None:
+    pem = clients.good[0].read_bytes()
+    cert = x509.load_pem_x509_certificate(pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    want = expected_identity(clients.good[0])
+    for form in (pem, pem.decode(), der, cert, [pem.decode()], (der,)):
+        assert mtls_engine.client_identity(form) == want
+    with pytest.raises(mtls_engine.NoClientCertificate, match="chain is empty"):
+        mtls_engine.client_identity([])
+    with pytest.raises(mtls_engine.NoClientCertificate, match="no client certificate"):
+        mtls_engine.client_identity(None)
+    with pytest.raises(mtls_engine.CertificateError, match="cannot be read"):
+        mtls_engine.client_identity(b"not a certificate")
+    assert "dns:localhost" in mtls_engine.client_identity(pki.server_cert.read_bytes())["san"]
