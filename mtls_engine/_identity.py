@@ -98,7 +98,7 @@ def client_identity(peer: PeerArg, *, san: bool = True) -> dict[str, Any]:
     return doc
 
 
-def require_client_auth(ctx: ssl.SSLContext, where: str = "the server's SSLContext") -> ssl.SSLContext:
+def require_client_auth(ctx: ssl.SSLContext | None, where: str = "the server's SSLContext") -> ssl.SSLContext:
     """Return ``ctx`` if it is a server context that requires a client
     certificate from trusted CAs; raise ClientAuthNotRequired (saying what
     is wrong) if a client could connect without one."""

@@ -106,7 +106,7 @@ def uvicorn_config(app: Any, ssl_context: ssl.SSLContext, **settings: Any) -> An
         )
     require_client_auth(ssl_context, "the SSLContext given to uvicorn_config()")
 
-    class TLSExtensionProtocol(H11Protocol):  # type: ignore[misc]
+    class TLSExtensionProtocol(H11Protocol):
         """uvicorn's h11 protocol, each connection's app seeing the TLS extension."""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -139,7 +139,7 @@ def hypercorn_config(ssl_context: ssl.SSLContext, **settings: Any) -> Any:
         )
     require_client_auth(ssl_context, "the SSLContext given to hypercorn_config()")
 
-    class CardConfig(Config):  # type: ignore[misc]
+    class CardConfig(Config):
         @property
         def ssl_enabled(self) -> bool:
             return True

@@ -10,14 +10,11 @@ calls counted through the PKCS#11 shim."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,20 +31,11 @@ import mtls_engine
 from mtls_engine._softhsm import KeyKind
 
 from . import p11shim
+from .appservers import SERVERS, Running, command, free_port, start, write_snippets
 from .conftest import BACKEND_STATUS, SHIM_PIN, TEST_PIN, Pki, ShimCard, need
 from .helpers import ROOT
 
-DOC = ROOT / "docs" / "servers.md"
-SERVERS = ("uvicorn", "hypercorn", "gunicorn", "aiohttp")
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-START_TIMEOUT = 60.0
-
-
-_SNIPPET = re.compile(r"<!-- snippet: (?P<name>\S+) -->\n```python\n(?P<code>.*?)```", re.S)
-
-
-def snippets() -> dict[str, str]:
-    return {m.group("name"): m.group("code") for m in _SNIPPET.finditer(DOC.read_text())}
 
 
 def _have(module: str) -> bool:
@@ -65,69 +53,6 @@ _NEEDS = {"uvicorn": ("uvicorn", "starlette"), "hypercorn": ("hypercorn",), "gun
 def need_server(server: str) -> None:
     missing = [m for m in _NEEDS[server] if not _have(m)]
     need(not missing, f"{server} test needs {', '.join(missing)} (pip install 'mtls_engine[{server}]')")
-
-
-def _command(server: str) -> list[str]:
-    if server == "gunicorn":
-        return [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "flask_app:app"]
-    return [sys.executable, f"{server}_app.py"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Running:
-    server: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    folder: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def url(self, path: str = "/whoami") -> str:
-        return f"https://127.0.0.1:{self.port}{path}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def start(server: str, folder: Path, env: dict[str, str]) -> Running:
-    """The server of docs/servers.md in a new process, listening."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, code in snippets().items():
-        (folder / name).write_text(code)
-    port = _free_port()
-    # (gunicorn >= 25 makes a control socket, by default in the home folder: keep it in this run's own)
-    full = {**os.environ, **env, "PORT": str(port), "XDG_RUNTIME_DIR": str(folder)}
-    full["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), full.get("PYTHONPATH", "")])
-    log = folder / f"{server}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(_command(server), cwd=folder, env=full, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)  # fmt: skip
-    running = Running(server, proc, port, log, folder)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{server} exited with {proc.returncode}:\n{running.output()[-4000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return running
-        except OSError:
-            time.sleep(0.1)
-    running.stop()
-    raise AssertionError(f"{server} did not listen within {START_TIMEOUT:g} s:\n{running.output()[-4000:]}")
 
 
 def client_ctx(ca: Path, version: str, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -361,7 +286,7 @@ def test_require_client_auth_names_what_is_wrong(pki: Pki) -> None:
     with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"client context"):
         mtls_engine.require_client_auth(ssl.create_default_context())
     with pytest.raises(mtls_engine.ClientAuthNotRequired, match=r"is NoneType, not an ssl.SSLContext"):
-        mtls_engine.require_client_auth(None)  # type: ignore[arg-type]
+        mtls_engine.require_client_auth(None)
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -371,15 +296,13 @@ def test_a_context_without_client_auth_stops_the_server_at_start(
     """The framework (or its user) resets verify_mode: the server exits at start-up with the named error."""
     need_server(server)
     folder = tmp_path / server
-    folder.mkdir()
-    for name, code in snippets().items():
-        (folder / name).write_text(code)
+    write_snippets(folder)
     # card_server.py makes the context every server takes: reset it there.
     with open(folder / "card_server.py", "a") as f:
         f.write("ctx.verify_mode = __import__('ssl').CERT_OPTIONAL  # what a framework's default would do\n")
-    env = {**os.environ, **server_env(pki, clients.crl, "file", token_server_cert), "PORT": str(_free_port())}
+    env = {**os.environ, **server_env(pki, clients.crl, "file", token_server_cert), "PORT": str(free_port())}
     env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(_command(server), cwd=folder, env=env, capture_output=True, text=True, timeout=30,
+    proc = subprocess.run(command(server), cwd=folder, env=env, capture_output=True, text=True, timeout=30,
                           stdin=subprocess.DEVNULL)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
