@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         ccert, ckey = ca.issue_client_files(work, "bench client")
         common = {**store.env, "CLIENT_CA": str(work / "ca.pem"), "CRL": str(work / "crl.pem"),
                   "MTLS_ENGINE_MODULE": store.module}  # fmt: skip
+        token_key = token.uri(object="server", type="private")
         envs = {
             "file": {**common, "SERVER_CERT": str(file_cert), "SERVER_KEY": str(file_key)},
-            "token": {**common, "SERVER_CERT": str(token_cert), "SERVER_PIN": PIN,
-                      "SERVER_KEY": token.uri(object="server", type="private")},  # fmt: skip
+            "token": {**common, "SERVER_CERT": str(token_cert), "SERVER_KEY": token_key, "SERVER_PIN": PIN},
         }
         client = ssl.create_default_context(cafile=str(work / "ca.pem"))
         client.load_cert_chain(str(ccert), str(ckey))
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|",
     ]
     for server, f, t, ratio, lo, hi in rows:
-        lines.append(f"| {server} | {f:.0f} | {t:.0f} | {ratio:.2f} | {lo:.2f}–{hi:.2f} |")
+        lines.append(f"| {server} | {f:.0f} | {t:.0f} | {ratio:.2f} | {lo:.2f} to {hi:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.markdown is not None:
