@@ -33,7 +33,7 @@ from mtls_engine._softhsm import KeyKind
 from . import p11shim
 from .appservers import SERVERS, Running, command, free_port, start, write_snippets
 from .conftest import BACKEND_STATUS, SHIM_PIN, TEST_PIN, Pki, ShimCard, need
-from .helpers import ROOT
+from .helpers import ROOT, run_python
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -175,6 +175,12 @@ def test_card_holders_in_the_app(
         # refused by the TLS layer, the reason logged, the app never asked
         assert refused(srv, client_ctx(pki.ca_file, version, *clients.revoked), f"/revoked-{version}")
         assert refused(srv, client_ctx(pki.ca_file, version), f"/anonymous-{version}")
+    if server != "hypercorn":  # concurrent connections of two card-holders: each request sees its own
+        pairs = [(client_ctx(pki.ca_file, "1.3", *clients.good), expected_identity(clients.good[0])),
+                 (card_contexts["1.3"], expected_identity(pki.cert_file(KeyKind.P256)))] * 4  # fmt: skip
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda pair: answer_of(srv, get(srv, pair[0])), pairs))
+        assert got == [want for _, want in pairs]
     assert wait_until(lambda: srv.output().count(": revoked — ") >= 2 and srv.output().count(": no_certificate") >= 2)
     out = srv.output()
     assert "(CN=revoked client, serial " in out, out[-3000:]
@@ -332,3 +338,13 @@ def test_client_identity_from_each_form(pki: Pki, clients: Clients) -> None:
     with pytest.raises(mtls_engine.CertificateError, match="cannot be read"):
         mtls_engine.client_identity(b"not a certificate")
     assert "dns:localhost" in mtls_engine.client_identity(pki.server_cert.read_bytes())["san"]
+
+
+def test_the_core_imports_no_server() -> None:
+    proc = run_python(
+        "import sys, mtls_engine\n"
+        "print(sorted(m for m in ('uvicorn', 'hypercorn', 'gunicorn', 'flask', 'starlette', 'aiohttp', "
+        "'mtls_engine.appservers') if m in sys.modules))"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
