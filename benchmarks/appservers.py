@@ -2,13 +2,14 @@
 file vs on a token, side by side in one run.
 
 Each server of docs/servers.md (uvicorn, hypercorn, gunicorn with its 3
-workers, aiohttp.web) runs twice at once, in its own processes: with a P-256
-server key in a PEM file and with a P-256 key on a SoftHSM2 token (a
-``pkcs11:`` URI; the default backend).  One Python ``ssl`` client with a file
+workers, aiohttp.web) runs three times at once, in its own processes: with a
+P-256 server key in a PEM file, and with a P-256 key on a SoftHSM2 token (a
+``pkcs11:`` URI) through libp11's engine and through pkcs11-provider.  One Python ``ssl`` client with a file
 key makes one request per new connection (a full handshake, no resumption:
 server_context turns it off; a GET of /whoami, the answer read to the
-close).  Small batches alternate between the file and token servers, round
-after round; each round gives the token/file ratio of its two batches, and
+close).  Small batches alternate between the three servers, round after
+round (the order turning each round); each round gives the token/file ratios
+of its batches, and
 the table shows medians (of rates and of ratios), so that load from other
 processes, which changes over time, hits both sides alike.
 
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from mtls_engine._backends import BACKENDS, STATUS  # noqa: E402
 from mtls_engine._softhsm import CA, KeyKind, TokenStore  # noqa: E402
 from tests.appservers import SERVERS, Running, start  # noqa: E402
 
@@ -92,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         token_key = token.uri(object="server", type="private")
         envs = {
             "file": {**common, "SERVER_CERT": str(file_cert), "SERVER_KEY": str(file_key)},
-            "token": {**common, "SERVER_CERT": str(token_cert), "SERVER_KEY": token_key, "SERVER_PIN": PIN},
         }
+        for backend in BACKENDS:
+            ok, why = STATUS[backend]()
+            if not ok:
+                print(f"skipping the {backend} backend: {why}", file=sys.stderr)
+                continue
+            envs[backend] = {**common, "SERVER_CERT": str(token_cert), "SERVER_KEY": token_key, "SERVER_PIN": PIN,
+                             "SERVER_BACKEND": backend}  # fmt: skip
+        tokens = [w for w in envs if w != "file"]
         client = ssl.create_default_context(cafile=str(work / "ca.pem"))
         client.load_cert_chain(str(ccert), str(ckey))
 
@@ -105,31 +114,33 @@ def main(argv: list[str] | None = None) -> int:
                     running[where] = start(server, work / f"{server}-{where}", env)
                 for r in running.values():  # warm up: imports, first handshakes, workers forked
                     batch_rate(client, r.port, 5)
-                rates: dict[str, list[float]] = {"file": [], "token": []}
+                rates: dict[str, list[float]] = {where: [] for where in envs}
+                order = list(envs)
                 for i in range(args.rounds):
-                    order = ("file", "token") if i % 2 == 0 else ("token", "file")
-                    for where in order:
+                    for where in order[i % len(order) :] + order[: i % len(order)]:
                         rates[where].append(batch_rate(client, running[where].port, args.batch))
             finally:
                 for r in running.values():
                     r.stop()
-            ratios = [t / f for f, t in zip(rates["file"], rates["token"])]
-            rows.append((server, statistics.median(rates["file"]), statistics.median(rates["token"]),
-                         statistics.median(ratios), min(ratios), max(ratios)))  # fmt: skip
-            print(f"{server}: file {rows[-1][1]:.0f}/s, token {rows[-1][2]:.0f}/s, ratio {rows[-1][3]:.2f}",
-                  file=sys.stderr)  # fmt: skip
+            cells = [f"{statistics.median(rates['file']):.0f}"]
+            for where in tokens:
+                ratios = [t / f for f, t in zip(rates["file"], rates[where])]
+                cells.append(f"{statistics.median(rates[where]):.0f}")
+                cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f} to {max(ratios):.2f})")
+            rows.append(f"| {server} | " + " | ".join(cells) + " |")
+            print(rows[-1], file=sys.stderr)
 
     lines = [
         f"{args.rounds} rounds of {args.batch} connections per server and key, interleaved; one client, "
         f"one connection at a time; {datetime.date.today()}, Python {platform.python_version()}, "
         f"{ssl.OPENSSL_VERSION}, {os.cpu_count()} CPUs (shared).",
         "",
-        "| server | key in a file (handshakes/s) | key on the token (handshakes/s) | token / file (median of "
-        "rounds) | range of rounds |",
-        "|---|---:|---:|---:|---:|",
+        "| server | key in a file (/s) | "
+        + " | ".join(f"token, {w} (/s) | {w} / file: median of rounds (range)" for w in tokens)
+        + " |",
+        "|---|---:|" + "---:|---:|" * len(tokens),
+        *rows,
     ]
-    for server, f, t, ratio, lo, hi in rows:
-        lines.append(f"| {server} | {f:.0f} | {t:.0f} | {ratio:.2f} | {lo:.2f} to {hi:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.markdown is not None:
