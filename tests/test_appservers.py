@@ -15,6 +15,7 @@ import re
 import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -348,3 +349,35 @@ def test_the_core_imports_no_server() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_gunicorn_gthread_worker_gives_the_identity(
+    pki: Pki, clients: Clients, token_server_cert: Path, tmp_path: Path, running: list[Running]
+) -> None:
+    """The threaded worker wraps its connections with the same hook; environ["gunicorn.socket"] is TLS too."""
+    need_server("gunicorn")
+    env = {
+        **server_env(pki, clients.crl, "file", token_server_cert),
+        "GUNICORN_CMD_ARGS": "--worker-class gthread --threads 2",
+    }
+    srv = start("gunicorn", tmp_path / "gunicorn", env)
+    running.append(srv)
+    assert answer_of(srv, get(srv, client_ctx(pki.ca_file, "1.3", *clients.good))) == expected_identity(clients.good[0])
+    assert refused(srv, client_ctx(pki.ca_file, "1.2", *clients.revoked), "/revoked")
+    assert wait_until(lambda: "(CN=revoked client, serial " in srv.output())
+    assert "Using worker: gthread" in srv.output()
+
+
+def test_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/appservers.py, one tiny round: a row per server, file and token side by side (no timing checked)."""
+    for server in SERVERS:
+        need_server(server)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "appservers.py"), "--rounds", "1", "--batch", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| server")]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(SERVERS), proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| server"))
+    available = [b for b in ("engine", "provider") if BACKEND_STATUS[b]()[0]]
+    assert available and "key in a file" in header, header
+    assert all(f"token, {b} (/s)" in header for b in available), header
