@@ -316,13 +316,67 @@ def test_a_context_without_client_auth_stops_the_server_at_start(
     assert "ClientAuthNotRequired" in out and "verify_mode is CERT_OPTIONAL" in out, out[-3000:]
 
 
-def test_uvicorn_config_refuses_uvicorns_own_tls_settings(pki: Pki) -> None:
+def test_the_helpers_refuse_the_servers_own_tls_settings(pki: Pki) -> None:
     need_server("uvicorn")
-    from mtls_engine.appservers import uvicorn_config
+    need_server("hypercorn")
+    from mtls_engine.appservers import hypercorn_config, uvicorn_config
 
     ctx = mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
-    with pytest.raises(mtls_engine.ConfigError, match=r"drop ssl_certfile, ssl_cert_reqs"):
+    with pytest.raises(mtls_engine.ConfigError, match=r"drop ssl_certfile, ssl_cert_reqs \(the mtls_engine context"):
         uvicorn_config(object(), ctx, ssl_certfile=str(pki.server_cert), ssl_cert_reqs=ssl.CERT_NONE)
+    with pytest.raises(mtls_engine.ConfigError, match=r"drop certfile, verify_mode \(the mtls_engine context"):
+        hypercorn_config(ctx, certfile=str(pki.server_cert), verify_mode=ssl.CERT_NONE)
+    with pytest.raises(mtls_engine.ConfigError, match=r"hypercorn's Config has no setting 'bnid'"):
+        hypercorn_config(ctx, bnid=["127.0.0.1:0"])
+    config = hypercorn_config(ctx, bind=["127.0.0.1:0"])
+    assert config.ssl_enabled and config.create_ssl_context() is ctx
+
+
+def _memory_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """A TLS handshake in memory; returns the server's side."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"c": False, "s": False}
+    for _ in range(10):
+        for name, obj in (("c", c), ("s", srv)):
+            if not done[name]:
+                try:
+                    obj.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    assert all(done.values())
+    return srv
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_tls_extension_of_a_connection(pki: Pki, clients: Clients, version: str) -> None:
+    from mtls_engine.appservers import tls_extension
+
+    server = mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    client = client_ctx(pki.ca_file, version, *clients.good)
+    ext = tls_extension(_memory_handshake(server, client))
+    pem = x509.load_pem_x509_certificate(clients.good[0].read_bytes()).public_bytes(serialization.Encoding.PEM)
+    assert ext["client_cert_chain"][0] == pem.decode()
+    assert ext["client_cert_name"] == "CN=app client"
+    assert ext["tls_version"] == {"1.2": 0x0303, "1.3": 0x0304}[version]
+    assert isinstance(ext["cipher_suite"], int)
+    tls13_suites = {0x1301, 0x1302, 0x1303}  # RFC 8446 B.4
+    assert (ext["cipher_suite"] in tls13_suites) == (version == "1.3"), ext["cipher_suite"]
+    assert ext["server_cert"] is None and ext["client_cert_error"] is None
+
+
+def test_client_identity_of_a_connection_without_certificate(pki: Pki) -> None:
+    server = mtls_engine.server_context(pki.server_cert, pki.server_key, pki.ca_file)
+    server.verify_mode = ssl.CERT_OPTIONAL  # what a framework's own setting would do
+    conn = _memory_handshake(server, client_ctx(pki.ca_file, "1.3"))
+    with pytest.raises(mtls_engine.NoClientCertificate, match="does not require one"):
+        mtls_engine.client_identity(conn)
 
 
 def test_client_identity_from_each_form(pki: Pki, clients: Clients) -> None:
@@ -368,6 +422,7 @@ def test_gunicorn_gthread_worker_gives_the_identity(
     assert "Using worker: gthread" in srv.output()
 
 
+@pytest.mark.slow
 def test_benchmark_runs(tmp_path: Path) -> None:
     """benchmarks/appservers.py, one tiny round: a row per server, file and token side by side (no timing checked)."""
     for server in SERVERS:
