@@ -10,7 +10,8 @@ client's certificate where the server gives the app none.
   whose ``create_ssl_context`` returns the context (with hypercorn's ALPN
   protocols).  Hypercorn gives the app no certificate (see docs/servers.md).
 - gunicorn (>= 21): :func:`gunicorn_ssl_context` makes the ``ssl_context``
-  server hook of a configuration file; the WSGI environ's
+  server hook of a configuration file, :func:`gunicorn_on_starting` checks
+  at start-up that gunicorn serves TLS with it; the WSGI environ's
   ``gunicorn.socket`` is the TLS socket.
 - aiohttp.web takes the context as it is (``ssl_context=``); a request's
   ``transport.get_extra_info("ssl_object")`` is the TLS connection.
@@ -29,10 +30,17 @@ import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._errors import ConfigError, Error
+from ._errors import ClientAuthNotRequired, ConfigError, Error
 from ._identity import require_client_auth
 
-__all__ = ["gunicorn_ssl_context", "hypercorn_config", "reload_crls_on_sighup", "tls_extension", "uvicorn_config"]
+__all__ = [
+    "gunicorn_on_starting",
+    "gunicorn_ssl_context",
+    "hypercorn_config",
+    "reload_crls_on_sighup",
+    "tls_extension",
+    "uvicorn_config",
+]
 
 log = logging.getLogger("mtls_engine.server")
 
@@ -167,7 +175,30 @@ def gunicorn_ssl_context(ssl_context: ssl.SSLContext) -> Callable[[Any, Callable
     def ssl_context_hook(config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return ssl_context
 
+    ssl_context_hook.mtls_engine_context = ssl_context  # type: ignore[attr-defined]
     return ssl_context_hook
+
+
+def gunicorn_on_starting(server: Any) -> None:
+    """gunicorn's ``on_starting`` server hook: stops gunicorn at start-up
+    (ClientAuthNotRequired) when it would serve without TLS (gunicorn
+    serves TLS only with ``certfile`` set) or without the context of
+    :func:`gunicorn_ssl_context`, or when that context no longer requires
+    a client certificate."""
+    cfg = server.cfg
+    if not cfg.is_ssl:
+        raise ClientAuthNotRequired(
+            "gunicorn would serve plain HTTP to anyone: its certfile setting is empty; set certfile to the server "
+            "certificate file in the configuration file (gunicorn serves TLS only then; the key and the client "
+            "checks come from ssl_context = gunicorn_ssl_context(ctx))"
+        )
+    ctx = getattr(cfg.ssl_context, "mtls_engine_context", None)
+    if ctx is None:
+        raise ClientAuthNotRequired(
+            "gunicorn's ssl_context hook is not mtls_engine's: its own context would be used; set "
+            "ssl_context = gunicorn_ssl_context(ctx) in the configuration file"
+        )
+    require_client_auth(ctx, "the SSLContext gunicorn will serve with")
 
 
 def _reload(ctx: ssl.SSLContext, crlfile: str) -> None:

@@ -264,6 +264,9 @@ def test_gunicorn_workers_sign_with_the_token_key(
             if len(workers) == 3:
                 break
     assert len(workers) == 3, workers
+    signers = {pid for pid, name, _, rest in p11shim.read_log_pids(env["MTLS_SHIM_LOG"])
+               if name in ("C_Sign", "C_SignFinal") and "query" not in rest.split()}  # fmt: skip
+    assert signers == workers  # each worker signed its handshakes with the token key; the master none
     logins = _logins(env["MTLS_SHIM_LOG"])
     assert logins.pop(srv.proc.pid) == [0], logins  # the master: one login
     if backend_name == "engine":  # SoftHSM2 keeps the master's login in every worker
@@ -314,6 +317,25 @@ def test_a_context_without_client_auth_stops_the_server_at_start(
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "ClientAuthNotRequired" in out and "verify_mode is CERT_OPTIONAL" in out, out[-3000:]
+
+
+def test_gunicorn_without_certfile_stops_at_start(
+    pki: Pki, clients: Clients, token_server_cert: Path, tmp_path: Path
+) -> None:
+    """gunicorn serves plain HTTP when certfile is empty: the on_starting check stops it."""
+    need_server("gunicorn")
+    folder = tmp_path / "gunicorn"
+    write_snippets(folder)
+    with open(folder / "gunicorn.conf.py", "a") as f:
+        f.write("certfile = None  # forgotten\n")
+    env = {**os.environ, **server_env(pki, clients.crl, "file", token_server_cert), "PORT": str(free_port()),
+           "XDG_RUNTIME_DIR": str(folder)}  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(command("gunicorn"), cwd=folder, env=env, capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "ClientAuthNotRequired: gunicorn would serve plain HTTP to anyone: its certfile setting is empty" in out
 
 
 def test_the_helpers_refuse_the_servers_own_tls_settings(pki: Pki) -> None:
