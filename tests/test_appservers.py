@@ -10,6 +10,7 @@ calls counted through the PKCS#11 shim."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import signal
@@ -29,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import mtls_engine
-from mtls_engine._softhsm import KeyKind
+from mtls_engine._softhsm import CA, KeyKind
 
 from . import p11shim
 from .appservers import SERVERS, Running, command, free_port, start, write_snippets
@@ -108,6 +109,8 @@ class Clients:
     good: tuple[Path, Path]
     revoked: tuple[Path, Path]
     later: tuple[Path, Path]  # revoked while the server runs
+    expired: tuple[Path, Path]
+    stranger: tuple[Path, Path]  # issued by a CA the servers do not trust
     crl: Path
 
 
@@ -117,9 +120,13 @@ def clients(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Clients:
     good = pki.ca.issue_client_files(work, "app client")
     revoked = pki.ca.issue_client_files(work, "revoked client")
     later = pki.ca.issue_client_files(work, "later revoked")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = pki.ca.issue_client_files(work, "expired client", not_before=now - datetime.timedelta(days=30),
+                                        not_after=now - datetime.timedelta(days=1))  # fmt: skip
+    stranger = CA.create("a CA nobody trusts").issue_client_files(work, "stranger")
     crl = work / "crl.pem"
     crl.write_bytes(pki.ca.crl([x509.load_pem_x509_certificate(revoked[0].read_bytes())]))
-    return Clients(good, revoked, later, crl)
+    return Clients(good, revoked, later, expired, stranger, crl)
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +142,16 @@ def card_contexts(pki: Pki) -> dict[str, ssl.SSLContext]:
 
 
 def server_env(pki: Pki, crl: Path, where: str, token_server_cert: Path) -> dict[str, str]:
+    """The servers' environment; ``where``: "file", or the backend of a key on card2 ("engine", "provider")."""
     env = {"CLIENT_CA": str(pki.ca_file), "CRL": str(crl), "MTLS_ENGINE_MODULE": pki.module,
            "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}  # fmt: skip
     if where == "file":
         env.update(SERVER_CERT=str(pki.server_cert), SERVER_KEY=str(pki.server_key))
     else:
+        ok, why = BACKEND_STATUS[where]()
+        need(ok, why)
         env.update(SERVER_CERT=str(token_server_cert), SERVER_KEY=pki.key_uri(KeyKind.P256, pki.card2),
-                   SERVER_PIN=pki.card2.pin)  # fmt: skip
+                   SERVER_PIN=pki.card2.pin, SERVER_BACKEND=where)  # fmt: skip
     return env
 
 
@@ -153,7 +163,7 @@ def running() -> Iterator[list[Running]]:
         r.stop()
 
 
-@pytest.mark.parametrize("where", ["file", "token"])
+@pytest.mark.parametrize("where", ["file", "engine", "provider"])
 @pytest.mark.parametrize("server", SERVERS)
 def test_card_holders_in_the_app(
     server: str, where: str, pki: Pki, clients: Clients, card_contexts: dict[str, ssl.SSLContext],
@@ -176,6 +186,8 @@ def test_card_holders_in_the_app(
         # refused by the TLS layer, the reason logged, the app never asked
         assert refused(srv, client_ctx(pki.ca_file, version, *clients.revoked), f"/revoked-{version}")
         assert refused(srv, client_ctx(pki.ca_file, version), f"/anonymous-{version}")
+    assert refused(srv, client_ctx(pki.ca_file, "1.3", *clients.expired), "/expired")
+    assert refused(srv, client_ctx(pki.ca_file, "1.3", *clients.stranger), "/stranger")
     if server != "hypercorn":  # concurrent connections of two card-holders: each request sees its own
         pairs = [(client_ctx(pki.ca_file, "1.3", *clients.good), expected_identity(clients.good[0])),
                  (card_contexts["1.3"], expected_identity(pki.cert_file(KeyKind.P256)))] * 4  # fmt: skip
@@ -185,8 +197,13 @@ def test_card_holders_in_the_app(
     assert wait_until(lambda: srv.output().count(": revoked — ") >= 2 and srv.output().count(": no_certificate") >= 2)
     out = srv.output()
     assert "(CN=revoked client, serial " in out, out[-3000:]
+    assert wait_until(lambda: ": expired — " in srv.output() and ": unknown_ca — " in srv.output())
+    assert re.search(r"\(CN=expired client, serial [0-9a-f]+\): expired — ", srv.output())
+    assert re.search(r"\(CN=stranger, serial [0-9a-f]+\): unknown_ca — ", srv.output())
     # the access log shows the requests the app answered, and none of the refused ones
-    assert out.count("/whoami") >= 4 and "/revoked-" not in out and "/anonymous-" not in out, out[-3000:]
+    out = srv.output()
+    assert out.count("/whoami") >= 4, out[-3000:]
+    assert not re.search(r"/(revoked|anonymous|expired|stranger)", out), out[-3000:]
 
 
 @pytest.mark.parametrize("server", SERVERS)
