@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._errors import ClientAuthNotRequired, ConfigError, Error
-from ._identity import require_client_auth
+from ._identity import client_identity, require_client_auth
 
 __all__ = [
     "gunicorn_on_starting",
@@ -48,6 +48,7 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+_SUITE_IDS: dict[str, int] = {}
 
 
 def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
@@ -55,8 +56,6 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
     handshake: ``client_cert_chain`` (PEM, the client's own first),
     ``client_cert_name`` (RFC 4514), ``tls_version`` and ``cipher_suite``
     (numbers); ``server_cert`` is None (the ssl module does not give it)."""
-    from ._identity import client_identity
-
     unverified = getattr(ssl_object, "get_unverified_chain", None)  # Python 3.13+: DER bytes, the client's first
     ders: list[bytes] = [bytes(c) for c in (unverified() or [])] if unverified is not None else []
     if not ders:
@@ -66,10 +65,9 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, Any]:
     cipher = ssl_object.cipher()
     suite = None
     if cipher is not None:
-        for c in ssl_object.context.get_ciphers():
-            if c["name"] == cipher[0]:
-                suite = int(c["id"]) & 0xFFFF
-                break
+        if cipher[0] not in _SUITE_IDS:  # OpenSSL's name -> the IANA number, learnt once per name
+            _SUITE_IDS.update({c["name"]: int(c["id"]) & 0xFFFF for c in ssl_object.context.get_ciphers()})
+        suite = _SUITE_IDS.get(cipher[0])
     version = ssl_object.version()
     return {
         "server_cert": None,
