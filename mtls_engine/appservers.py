@@ -37,6 +37,7 @@ __all__ = [
     "gunicorn_on_starting",
     "gunicorn_ssl_context",
     "hypercorn_config",
+    "reload_crls",
     "reload_crls_on_sighup",
     "tls_extension",
     "uvicorn_config",
@@ -199,19 +200,24 @@ def gunicorn_on_starting(server: Any) -> None:
     require_client_auth(ctx, "the SSLContext gunicorn will serve with")
 
 
-def _reload(ctx: ssl.SSLContext, crlfile: str) -> None:
+def reload_crls(ctx: ssl.SSLContext, crlfile: str | os.PathLike[str]) -> bool:
+    """:func:`mtls_engine.load_crls` for a running server: the outcome is
+    logged (logger ``mtls_engine.server``), never raised, so that a bad or
+    expired CRL file leaves the CRLs loaded before in force and the server
+    up.  Returns whether the new CRLs were loaded."""
     from ._server import load_crls
 
     try:
         n = load_crls(ctx, crlfile)
-    except Error as exc:  # a bad or expired CRL: the CRLs loaded before stay
-        log.error("SIGHUP: CRL not reloaded: %s", exc)
-        return
-    log.info("SIGHUP: reloaded %d CRL(s) from %s", n, crlfile)
+    except Error as exc:
+        log.error("CRL not reloaded (the CRLs loaded before stay in force): %s", exc)
+        return False
+    log.info("reloaded %d CRL(s) from %s", n, os.fspath(crlfile))
+    return True
 
 
 def reload_crls_on_sighup(ctx: ssl.SSLContext, crlfile: str | os.PathLike[str]) -> None:
     """From now on, SIGHUP makes ``ctx`` take the CRLs in ``crlfile`` again
     (the next handshake is checked against them; a bad CRL is logged and the
     old ones stay).  Call it in the server's running event loop (its start-up)."""
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload, ctx, os.fspath(crlfile))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_crls, ctx, os.fspath(crlfile))

@@ -226,6 +226,13 @@ def test_a_replaced_crl_revokes_the_next_connection(
     )
     assert refused(srv, later, "/after-reload")
     assert srv.proc.poll() is None  # no restart
+    # a broken CRL file: logged, the CRLs of before stay in force, the server stays up
+    crl.write_text("not a CRL")
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "CRL not reloaded (the CRLs loaded before stay in force): " in srv.output())
+    assert "holds no readable CRL" in srv.output()
+    assert refused(srv, later, "/after-bad-crl")
+    assert srv.proc.poll() is None
     get(srv, client_ctx(pki.ca_file, "1.3", *clients.good))  # others still served
 
 
