@@ -204,6 +204,7 @@ def test_card_holders_in_the_app(
     out = srv.output()
     assert out.count("/whoami") >= 4, out[-3000:]
     assert not re.search(r"/(revoked|anonymous|expired|stranger)", out), out[-3000:]
+    assert pki.card2.pin not in out
 
 
 @pytest.mark.parametrize("server", SERVERS)
