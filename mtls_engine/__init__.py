@@ -11,11 +11,13 @@ from ._errors import (
     BackendUnavailable,
     CertificateError,
     CertKeyMismatch,
+    ClientAuthNotRequired,
     ConfigError,
     CrlError,
     Error,
     InterpreterSslError,
     ModuleLoadError,
+    NoClientCertificate,
     NotAnSSLContext,
     ObjectNotFound,
     OpenSSLError,
@@ -75,6 +77,7 @@ try:
     # refused interpreter hears why, not that some dependency is missing).
     from . import _lib  # noqa: F401
     from ._api import CardKey, client_context, load_card_key
+    from ._identity import client_identity, require_client_auth
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
@@ -94,11 +97,13 @@ __all__ = [
     "CardKey",
     "CertKeyMismatch",
     "CertificateError",
+    "ClientAuthNotRequired",
     "ConfigError",
     "CrlError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
+    "NoClientCertificate",
     "NotAnSSLContext",
     "ObjectNotFound",
     "OpenSSLError",
@@ -117,6 +122,7 @@ __all__ = [
     "TokenUnavailable",
     "UriError",
     "client_context",
+    "client_identity",
     "describe_failure",
     "extract",
     "inject",
@@ -128,5 +134,6 @@ __all__ = [
     "prompt_pin",
     "protect_process",
     "reconnect",
+    "require_client_auth",
     "server_context",
 ]

@@ -10,11 +10,13 @@ __all__ = [
     "BackendUnavailable",
     "CertKeyMismatch",
     "CertificateError",
+    "ClientAuthNotRequired",
     "ConfigError",
     "CrlError",
     "Error",
     "InterpreterSslError",
     "ModuleLoadError",
+    "NoClientCertificate",
     "NotAnSSLContext",
     "ObjectNotFound",
     "OpenSSLError",
@@ -59,6 +61,12 @@ class UriError(Error, ValueError):
 
 class ConfigError(Error, ValueError):
     """An argument cannot be written into an OpenSSL configuration or URI PEM file."""
+
+
+class ClientAuthNotRequired(ConfigError):
+    """A server's SSLContext would serve clients without checking a client
+    certificate (verify_mode not CERT_REQUIRED, no client CA, not a server
+    context): found at start-up, never served."""
 
 
 class CrlError(ConfigError):
@@ -134,6 +142,11 @@ class CertKeyMismatch(Error):
 
 class CertificateError(Error, ValueError):
     """A certificate file or token certificate cannot be read or parsed."""
+
+
+class NoClientCertificate(Error, ValueError):
+    """The connection (or what the server gave the app) carries no client
+    certificate to tell who the client is."""
 
 
 class Pkcs11Error(Error):

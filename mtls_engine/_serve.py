@@ -32,10 +32,9 @@ import time
 from types import FrameType
 from typing import Any
 
-from cryptography import x509
-
 from ._cliutil import add_card_arguments, cli_pin
 from ._errors import ConfigError, Error
+from ._identity import client_identity
 from ._server import Rejection, access_rule, describe_failure, load_crls, peer_alert, server_context
 
 __all__ = ["register", "run"]
@@ -69,23 +68,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
-def serial_hex(serial: int) -> str:
-    """A serial number as lowercase hex without leading zeros, as the
-    refusal log lines (:class:`Rejection`) print it."""
-    return format(serial, "x")
-
-
 def identity(der: bytes, tls_version: str | None, path: str) -> dict[str, Any]:
-    """What the server answers an accepted client: who it is."""
-    cert = x509.load_der_x509_certificate(der)
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "serial": serial_hex(cert.serial_number),
-        "issuer": cert.issuer.rfc4514_string(),
-        "not_after": cert.not_valid_after_utc.isoformat(),
-        "tls_version": tls_version,
-        "path": path,
-    }
+    """What the server answers an accepted client: who it is (as
+    :func:`mtls_engine.client_identity` says, without the SANs), the TLS
+    version and the path asked for."""
+    return {**client_identity(der, san=False), "tls_version": tls_version, "path": path}
 
 
 def on_reject(rejection: Rejection) -> None:
