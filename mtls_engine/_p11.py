@@ -13,6 +13,7 @@ session would log the token out.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import warnings
@@ -104,8 +105,8 @@ P11_KIT_NO_CONNECTION = "p11-kit (no connection)"
 
 
 class Module:
-    """One loaded, initialised PKCS#11 module (cached per path, never
-    finalised: the backend shares it).
+    """One loaded, initialised PKCS#11 module (cached per path; finalised
+    only at interpreter exit, see finalize_all: the backend shares it).
 
     ``isolated``: the module gives each caller of C_GetFunctionList an
     instance of its own, with its own sessions and login
@@ -116,6 +117,7 @@ class Module:
 
     _cache: ClassVar[dict[str, Module]] = {}
     _cache_lock: ClassVar[ForkSafeLock] = ForkSafeLock()
+    _exit_hook: ClassVar[bool] = False
 
     def __init__(self, path: str, functions: Any) -> None:
         self.path = path
@@ -189,6 +191,9 @@ class Module:
                     "configuration (for SoftHSM2: SOFTHSM2_CONF and its token directory)"
                 )
             mod = cls(path, fl)
+            if not cls._cache and not cls._exit_hook:
+                atexit.register(finalize_all)
+                cls._exit_hook = True
             cls._cache[real] = mod
             return mod
 
@@ -601,6 +606,29 @@ class Module:
             if self.fl.C_GetMechanismList(slot_id, mechs, n) != lib.CKR_OK:
                 return set()
             return {int(mechs[i]) for i in range(n[0])}
+
+
+def finalize_all() -> None:
+    """At interpreter exit: C_Finalize every module loaded here.  (Where
+    the module gives each caller an instance of its own, p11-kit-client.so,
+    the backend's instance is the backend's to finalise.)
+
+    Without it a token reached with no resource manager in between (a TPM
+    through /dev/tpm0 or a simulator socket) keeps the objects and sessions
+    of every process that ended: a TPM holds 3 of each, so the third process
+    in a row fails to log in.  This runs among Python's exit handlers, so
+    before OpenSSL's own clean-up: the backend finds the module finalised
+    (every later call answers CKR_CRYPTOKI_NOT_INITIALIZED) and never
+    finalises it itself (pkcs11-provider runs with the no-deinit quirk:
+    SoftHSM2 finalised from OpenSSL's clean-up crashes, see _config)."""
+    with Module._cache_lock:
+        modules = list(Module._cache.values())
+        Module._cache.clear()
+    for mod in modules:
+        with mod._lock:
+            mod._sessions.clear()
+            mod._logins.clear()
+            mod.fl.C_Finalize(ffi.NULL)
 
 
 def _initialize(fl: Any) -> int:
