@@ -157,12 +157,13 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 # Log settings of libraries a PKCS#11 module may bring along, which write to
-# the process's stderr on their own: the TPM2 software stack (every TPM
-# error, even a wrong PIN, as "WARNING:esys:..." / "ERROR:esys:..." lines)
-# and tpm2-pkcs11 itself ("ERROR: Error unsealing wrapping key").  The
-# commands say what failed in their own words; a user who wants those lines
-# sets the variables (e.g. TSS2_LOG=all+warning, TPM2_PKCS11_LOG_LEVEL=2).
-FOREIGN_LOG_SETTINGS = {"TSS2_LOG": "all+none", "TPM2_PKCS11_LOG_LEVEL": "0"}
+# the process's stderr on their own: the TPM2 software stack prints every
+# TPM error, even a wrong PIN, as "WARNING:esys:..." / "ERROR:esys:..."
+# lines.  The commands say what failed in their own words; a user who wants
+# those lines sets TSS2_LOG (e.g. all+warning).  (tpm2-pkcs11 1.9 prints its
+# own errors, e.g. "ERROR: Error unsealing wrapping key", whatever its
+# TPM2_PKCS11_LOG_LEVEL says: those still reach stderr, never stdout.)
+FOREIGN_LOG_SETTINGS = {"TSS2_LOG": "all+none"}
 
 
 def quiet_foreign_logs() -> None:
