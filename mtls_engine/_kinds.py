@@ -18,7 +18,7 @@ from ._lib import lib
 if TYPE_CHECKING:
     from ._p11 import Module, TokenInfo
 
-__all__ = ["SMART_CARD", "TPM", "HSM", "SOFTWARE", "UNKNOWN", "counters_reported", "kind", "lockout_advice"]
+__all__ = ["HSM", "SMART_CARD", "SOFTWARE", "TPM", "UNKNOWN", "counters_reported", "kind", "lockout_advice"]
 
 SMART_CARD = "smart_card"
 TPM = "tpm"

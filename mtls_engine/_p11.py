@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import _kinds
 from ._errors import (
     AmbiguousUri,
     ModuleLoadError,
@@ -33,7 +34,6 @@ from ._errors import (
     Pkcs11Error,
     TokenNotFound,
 )
-from . import _kinds
 from ._fork import ForkSafeLock
 from ._lib import ffi, lib
 from ._uri import ParsedUri

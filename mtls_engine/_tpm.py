@@ -143,7 +143,7 @@ class Tpm:
         return tpm
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.directory / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
+        log = open(self.directory / f"{name}.log", "wb")
         try:
             proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if name == "dbus" else log, stderr=log,

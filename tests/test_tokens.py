@@ -49,7 +49,7 @@ def two_cards(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 
 def _env(two_cards: tuple[Path, TokenStore], tmp_path: Path, rv: int) -> dict[str, str]:
-    shim, store = two_cards
+    _shim, store = two_cards
     return {**p11shim.shim_env(store.module, tmp_path, token_error=("oddcard", rv)), **store.env,
             "T_PIN": SHIM_PIN}  # fmt: skip
 
@@ -96,13 +96,12 @@ def test_check_says_the_card_is_not_recognised(two_cards: tuple[Path, TokenStore
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_connect_says_the_card_is_not_recognised(
-    pki: Pki, two_cards: tuple[Path, TokenStore], tmp_path: Path
-) -> None:
+def test_connect_says_the_card_is_not_recognised(pki: Pki, two_cards: tuple[Path, TokenStore], tmp_path: Path) -> None:
     env = _env(two_cards, tmp_path, CKR_TOKEN_NOT_RECOGNIZED)
     with https_server(server_context(pki.server_cert, pki.server_key, pki.ca_file)) as port:
         proc = _run(env, "connect", f"https://localhost:{port}/", "--module", str(two_cards[0]),
-                    "--key", "pkcs11:token=oddcard", "--pin-source", "env:T_PIN", "--cafile", str(pki.ca_file))  # fmt: skip
+                    "--key", "pkcs11:token=oddcard", "--pin-source", "env:T_PIN",
+                    "--cafile", str(pki.ca_file))  # fmt: skip
     assert proc.returncode == 1
     assert "does not recognise it (CKR_TOKEN_NOT_RECOGNIZED)" in proc.stderr
     assert "Use the PKCS#11 module of the card's own middleware" in proc.stderr
@@ -137,7 +136,11 @@ def test_a_reported_flag_is_believed_and_lockout_advice_fits_a_software_token(
                 "--pin-source", "env:T_PIN", "--json")  # fmt: skip
     assert proc.returncode == 1
     token = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}["token"]
-    assert (token["status"], token["facts"]["pin_state"], token["facts"]["token_kind"]) == ("fail", "locked", "software")
+    assert (token["status"], token["facts"]["pin_state"], token["facts"]["token_kind"]) == (
+        "fail",
+        "locked",
+        "software",
+    )
     assert "--init-pin --login --login-type so" in token["hint"]
     assert "unlock-pin" not in token["hint"]
 

@@ -106,6 +106,10 @@ def test_list_on_tpm(tpm_card: TpmCard) -> None:
     assert tok["token_kind"] == "tpm"
     assert tok["pin_state"] == "not_reported"
     assert tok["serial"] == "0000000000000000"
+    # The serial says nothing (all zeros on every TPM token): the key URIs
+    # mtls_engine builds also name the token's manufacturer and model.
+    uris = [o["uri"] for o in tok["objects"] if o["class"] == "private_key"]
+    assert uris and all(";manufacturer=IBM;model=SW%20%20%20TPM;" in u for u in uris), uris
     labels = {(o["class"], o["label"]) for o in tok["objects"]}
     assert {("private_key", "rsa2048"), ("private_key", "ec256"), ("certificate", "ec256")} <= labels
     code, out, err = _cli(tpm_card, "list", "--module", tpm_card.module)
@@ -138,8 +142,17 @@ def test_wrong_pins_then_tpm_lockout_advice(tpm_direct: TpmCard) -> None:
     os.environ["T_WRONG"] = "11112222"
     try:
         results = [
-            _cli(tpm_direct, "check", "--module", tpm_direct.module, "--key", tpm_direct.key_uri(KeyKind.P256),
-                 "--pin-source", "env:T_WRONG", "--json")  # fmt: skip
+            _cli(
+                tpm_direct,
+                "check",
+                "--module",
+                tpm_direct.module,
+                "--key",
+                tpm_direct.key_uri(KeyKind.P256),
+                "--pin-source",
+                "env:T_WRONG",
+                "--json",
+            )
             for _ in range(4)
         ]
     finally:
