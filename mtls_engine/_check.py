@@ -53,7 +53,7 @@ from ._errors import (
     UriError,
 )
 from ._lib import InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
-from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
+from ._p11 import CKR_TOKEN_NOT_RECOGNIZED, KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._uri import ParsedUri, format_uri, parse
 
@@ -187,10 +187,13 @@ class Checker:
             if isinstance(exc, PinLocked) and self.kind is not None:
                 hint = _kinds.lockout_advice(self.kind)
             elif isinstance(exc, TokenNotFound) and self.mod is not None and self.mod.unreadable:
-                hint = (
-                    "the card in the reader needs another PKCS#11 module: its own middleware's (--module), "
-                    "or an OpenSC with a driver for it"
-                )
+                if any(u.rv == CKR_TOKEN_NOT_RECOGNIZED for u in self.mod.unreadable):
+                    hint = (
+                        "the card in the reader needs another PKCS#11 module: its own middleware's (--module), "
+                        "or an OpenSC with a driver for it"
+                    )
+                else:
+                    hint = "leave the card in the reader and run check again"
             st.fail(str(exc), hint, error=type(exc).__name__)
         if st.status == "fail":
             raise _Stop(sid)

@@ -16,7 +16,7 @@ from mtls_engine._softhsm import KeyKind, TokenStore
 
 from . import p11shim
 from .conftest import SHIM_PIN, TEST_PIN, Pki, need
-from .helpers import ROOT
+from .helpers import ROOT, run_python
 from .servers import https_server, server_context
 
 CKR_DEVICE_REMOVED = 0x32
@@ -94,6 +94,14 @@ def test_check_says_the_card_is_not_recognised(two_cards: tuple[Path, TokenStore
     proc = _run(env, "check", "--module", str(two_cards[0]), "--key", "pkcs11:token=goodcard",
                 "--pin-source", "env:T_PIN")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # a card pulled while the module read it
+    env = _env(two_cards, tmp_path / "removed", CKR_DEVICE_REMOVED)
+    proc = _run(env, "check", "--module", str(two_cards[0]), "--key", "pkcs11:token=oddcard",
+                "--pin-source", "env:T_PIN", "--json")  # fmt: skip
+    assert proc.returncode == 1
+    token = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}["token"]
+    assert "but this module lost it while reading it (CKR_DEVICE_REMOVED)" in token["summary"]
+    assert token["hint"] == "leave the card in the reader and run check again"
 
 
 def test_connect_says_the_card_is_not_recognised(pki: Pki, two_cards: tuple[Path, TokenStore], tmp_path: Path) -> None:
@@ -174,3 +182,72 @@ def test_every_printing_command_exits_quietly_when_its_reader_goes_away(pki: Pki
             proc = _with_closed_reader(env, *args)
             assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, (args, proc.stderr)
             assert proc.returncode == 141, (args, proc.returncode, proc.stderr)
+
+
+# What the module and its token say they are (shim: MTLS_SHIM_IDENTITY),
+# the kind mtls_engine makes of it, and a phrase of that kind's advice for
+# a locked PIN.
+KINDS = {
+    "smart_card": (("OpenSC Project", "OpenSC smartcard framework", "piv_II", "PKCS#15 emulated"),
+                   "PUK or security officer PIN"),
+    "hsm": (("Safenet, Inc.", "Chrystoki", "Safenet, Inc.", "Luna K7"), "the HSM's security officer"),
+    "tpm": (("tpm2-software.github.io", "TPM2.0 Cryptoki", "IBM", "SW   TPM"), "tpm2_dictionarylockout"),
+    "unknown": (("ACME", "ACME PKCS#11", "ACME", "Token 1"), "security officer PIN or PUK (e.g."),
+}  # fmt: skip
+
+
+def _kind_check(shim_card: object, tmp_path: Path, kind: str, flags: list[str]) -> dict[str, object]:
+    env = shim_card.env(tmp_path, token_flags=flags, identity=KINDS[kind][0])  # type: ignore[attr-defined]
+    env["T_PIN"] = SHIM_PIN
+    proc = _run(env, "check", "--module", env["T_MODULE"], "--key", shim_card.key_uri,  # type: ignore[attr-defined]
+                "--pin-source", "env:T_PIN", "--json")  # fmt: skip
+    token: dict[str, object] = {s["id"]: s for s in json.loads(proc.stdout)["steps"]}["token"]
+    return token
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_lockout_advice_fits_the_kind_of_token(shim_card: object, tmp_path: Path, kind: str) -> None:
+    token = _kind_check(shim_card, tmp_path, kind, ["locked"])
+    facts = token["facts"]
+    assert isinstance(facts, dict) and (facts["token_kind"], facts["pin_state"]) == (kind, "locked")
+    assert token["status"] == "fail"
+    assert KINDS[kind][1] in str(token["hint"])
+    for other, (_, phrase) in KINDS.items():
+        if other != kind:
+            assert phrase not in str(token["hint"]), other
+
+
+@pytest.mark.parametrize(("kind", "state"), [("smart_card", "ok"), ("hsm", "ok"), ("tpm", "not_reported"),
+                                             ("unknown", "ok")])  # fmt: skip
+def test_pin_counters_are_believed_only_where_the_kind_reports_them(
+    shim_card: object, tmp_path: Path, kind: str, state: str
+) -> None:
+    token = _kind_check(shim_card, tmp_path, kind, [])
+    facts = token["facts"]
+    assert isinstance(facts, dict) and (facts["token_kind"], facts["pin_state"]) == (kind, state)
+    assert token["status"] == "ok"
+    if state == "ok":
+        assert str(token["summary"]).endswith("; PIN tries: not low")
+    else:
+        assert "PIN tries: not reported by this token" in str(token["summary"])
+
+
+def test_locked_pin_error_of_the_api_fits_the_kind(shim_card: object, tmp_path: Path) -> None:
+    """load_card_key's PinLocked (no login tried) carries a TPM's remedies."""
+    env = shim_card.env(tmp_path, token_flags=["locked"], identity=KINDS["tpm"][0])  # type: ignore[attr-defined]
+    proc = run_python(
+        """
+        import os, ssl, mtls_engine
+        ctx = ssl.create_default_context()
+        try:
+            mtls_engine.load_card_key(ctx, os.environ["T_URI"], module=os.environ["T_MODULE"], pin=os.environ["T_PIN"])
+        except mtls_engine.PinLocked as exc:
+            print(exc)
+        """,
+        env={**env, "T_URI": shim_card.key_uri, "T_PIN": SHIM_PIN},  # type: ignore[attr-defined]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mtls_engine did not try to log in" in proc.stdout
+    assert "tpm2_dictionarylockout --clear-lockout" in proc.stdout
+    assert "unlock-pin" not in proc.stdout
+    assert p11shim.count(env["MTLS_SHIM_LOG"], "C_Login") == 0

@@ -93,6 +93,7 @@ def shim_env(
     sign_delay_ms: int | None = None,
     sign_with: str | None = None,
     token_error: tuple[str, int] | None = None,
+    identity: tuple[str, str, str, str] | None = None,
     log: bool = True,
 ) -> dict[str, str]:
     """Environment variables configuring the shim.  Its files live in
@@ -102,7 +103,10 @@ def shim_env(
     ``sign_with`` names (CKA_LABEL) the private key on the same token that
     makes every signature, in place of the key the caller signs with.
     ``token_error`` (label, CKR code): C_GetTokenInfo of that token fails
-    with that code (CKR_TOKEN_NOT_RECOGNIZED: a card the module cannot read)."""
+    with that code (CKR_TOKEN_NOT_RECOGNIZED: a card the module cannot read).
+    ``identity`` (library manufacturer, library description, token
+    manufacturer, token model; "" keeps the real one): what the module and
+    its tokens say they are (another kind of token than SoftHSM2's)."""
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flags = list(token_flags)
@@ -125,6 +129,8 @@ def shim_env(
         env["MTLS_SHIM_SIGN_DELAY_MS"] = str(sign_delay_ms)
     if sign_with:
         env["MTLS_SHIM_SIGN_WITH"] = sign_with
+    if identity is not None:
+        env["MTLS_SHIM_IDENTITY"] = "|".join(identity)
     if token_error is not None:
         label, rv = token_error
         env["MTLS_SHIM_TOKEN_ERROR"] = f"{label}:{rv:X}"
