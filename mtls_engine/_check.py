@@ -134,7 +134,12 @@ def pin_state(token: TokenInfo, mod: Module | None = None) -> str:
 
 
 def token_uri(token: TokenInfo) -> str:
-    return format_uri([("token", token.label.encode()), ("serial", token.serial.encode())])
+    """A URI naming the token: label and serial, and manufacturer and model
+    where the serial says nothing (empty or all zeros, as on every TPM)."""
+    attrs = [("token", token.label.encode()), ("serial", token.serial.encode())]
+    if not token.serial.strip("0"):
+        attrs += [("manufacturer", token.manufacturer.encode()), ("model", token.model.encode())]
+    return format_uri(attrs)
 
 
 class Checker:

@@ -276,6 +276,15 @@ class Module:
     def _raw_token_info(self, slot_id: int) -> Any:
         info = ffi.new("CK_TOKEN_INFO *")
         self._check(self.fl.C_GetTokenInfo(slot_id, info), "C_GetTokenInfo")
+        # PKCS#11 pads these fields with spaces; tpm2-pkcs11 1.9 pads the
+        # model with NULs ("SW   TPM\0\0..."), which p11-kit's URI matching
+        # then never matches: pad them all with spaces.
+        for name in ("label", "manufacturerID", "model", "serialNumber"):
+            field_ = getattr(info, name)
+            raw = bytes(field_)
+            end = raw.find(b"\x00")
+            if end >= 0:
+                ffi.memmove(field_, raw[:end] + b" " * (len(raw) - end), len(raw))
         return info
 
     def find_token(self, uri: ParsedUri) -> TokenInfo:

@@ -112,6 +112,7 @@ def test_list_on_tpm(tpm_card: TpmCard) -> None:
     uris = [o["uri"] for o in tok["objects"] if o["class"] == "private_key"]
     named = f";manufacturer={quote(tok['manufacturer'], safe='')};model={quote(tok['model'], safe='')};"
     assert tok["model"] and uris and all(named in u for u in uris), (named, uris)
+    assert tok["uri"].endswith(named[:-1]), tok["uri"]
     labels = {(o["class"], o["label"]) for o in tok["objects"]}
     assert {("private_key", "rsa2048"), ("private_key", "ec256"), ("certificate", "ec256")} <= labels
     code, out, err = _cli(tpm_card, "list", "--module", tpm_card.module)
@@ -178,3 +179,19 @@ def test_wrong_pins_then_tpm_lockout_advice(tpm_direct: TpmCard) -> None:
     assert "CKR_PIN_LOCKED" in locked["summary"]
     assert "tpm2_dictionarylockout --clear-lockout" in locked["hint"]
     assert "unlock-pin" not in locked["hint"] + locked["summary"]
+
+
+def test_uris_that_list_prints_name_the_tpm_token(tpm_card: TpmCard) -> None:
+    """Every TPM token's serial is all zeros: the URIs list prints (with
+    manufacturer and model) still find the token and the key."""
+    code, out, err = _cli(tpm_card, "list", "--module", tpm_card.module, "--json", "--login",
+                          "--token", "pkcs11:token=tpm1", "--pin-source", "env:T_PIN")  # fmt: skip
+    assert code == 0, err
+    tok = next(s["token"] for s in json.loads(out)["slots"] if s["token"] and s["token"]["label"] == "tpm1")
+    key = next(o["uri"] for o in tok["objects"] if o["class"] == "private_key" and o["label"] == "ec256")
+    for uri in (key, tok["uri"] + ";object=ec256;type=private"):
+        code, out, err = _cli(tpm_card, "check", "--module", tpm_card.module, "--key", uri,
+                              "--pin-source", "env:T_PIN", "--json")  # fmt: skip
+        assert code == 0, out + err
+        steps = {s["id"]: s for s in json.loads(out)["steps"]}
+        assert steps["key"]["facts"]["label"] == "ec256", steps["key"]
