@@ -75,7 +75,8 @@ PACKAGES=(
   libssl-dev libffi-dev pkg-config gcc openssl curl ca-certificates
   # A TPM 2.0 token for the tests (docs/tokens.md): a software TPM, the
   # resource manager and its TCTI, tpm2-pkcs11 and its tools, dbus-daemon
-  # for the resource manager's private bus.
+  # for the resource manager's private bus (names checked with apt-cache on
+  # Debian 12).
   swtpm tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus-daemon
 )
 PYTHON=${PYTHON:-python3}
