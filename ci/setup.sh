@@ -73,6 +73,11 @@ fi
 PACKAGES=(
   softhsm2 libengine-pkcs11-openssl opensc opensc-pkcs11 gnutls-bin p11-kit p11-kit-modules libp11-kit-dev
   libssl-dev libffi-dev pkg-config gcc openssl curl ca-certificates
+  # A TPM 2.0 token for the tests (docs/tokens.md): a software TPM, the
+  # resource manager and its TCTI, tpm2-pkcs11 and its tools, dbus-daemon
+  # for the resource manager's private bus (names checked with apt-cache on
+  # Debian 12).
+  swtpm tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus-daemon
 )
 PYTHON=${PYTHON:-python3}
 if ! command -v "$PYTHON" >/dev/null 2>&1; then

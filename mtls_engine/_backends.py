@@ -185,8 +185,12 @@ def choose(backend: str) -> tuple[str, str]:
 
 def key_uri(token: TokenInfo, key: KeyObject) -> str:
     """The URI a backend loads: the token by serial and label, the key by id
-    and label, exactly as mtls_engine found it."""
+    and label, exactly as mtls_engine found it.  Where the serial says
+    nothing (empty or all zeros: every TPM token of tpm2-pkcs11), the
+    token's manufacturer and model are named too."""
     attrs: list[tuple[str, bytes]] = [("serial", token.serial.encode()), ("token", token.label.encode())]
+    if not token.serial.strip("0"):
+        attrs += [("manufacturer", token.manufacturer.encode()), ("model", token.model.encode())]
     if key.id:
         attrs.append(("id", key.id))
     if key.label:
@@ -444,7 +448,7 @@ class _ProviderBackend:
         # One EVP_PKEY per token key and instance, loaded once:
         # pkcs11-provider keeps a session copy of a key it has used, which a
         # second search would find as well.
-        self._keys: dict[tuple[int, str, str, int], Any] = {}
+        self._keys: dict[tuple[int, str, int, str, str, int], Any] = {}
 
     @property
     def module(self) -> str | None:
@@ -514,7 +518,8 @@ class _ProviderBackend:
     ) -> Any:
         self.activate(module, fresh=fresh)
         with self._lock:
-            slot = (self._generation, module.path, token.serial, key.handle)
+            # Not the serial alone: tokens may share one (all zeros on a TPM).
+            slot = (self._generation, module.path, token.slot_id, token.label, token.serial, key.handle)
             cached = self._keys.get(slot)
             if cached is None:
                 cached = self._keys[slot] = self._load(self._libctx, token, key, pin, copies=fresh)

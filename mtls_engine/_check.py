@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from . import _backends, _connect, _names, _packages
+from . import _backends, _connect, _kinds, _names, _packages
 from ._api import (
     _PSS_RPC_NOTE,
     MODULE_ENV,
@@ -53,7 +53,7 @@ from ._errors import (
     UriError,
 )
 from ._lib import BUILT_IN_OPENSSL, InterpreterFacts, consume_errors, expected_object_header, ffi, lib, text
-from ._p11 import KeyObject, Module, TokenInfo, ulong_bytes
+from ._p11 import CKR_TOKEN_NOT_RECOGNIZED, KeyObject, Module, TokenInfo, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._secret import wipe
 from ._uri import ParsedUri, format_uri, parse
@@ -119,19 +119,28 @@ def _flag_names(flags: int) -> list[str]:
     return _names.flags(flags, _names.TOKEN_FLAGS)
 
 
-def pin_state(token: TokenInfo) -> str:
-    """ok, count_low, final_try or locked, from the token's flags."""
+def pin_state(token: TokenInfo, mod: Module | None = None) -> str:
+    """ok, count_low, final_try or locked, from the token's flags;
+    not_reported when no flag is set and the token (of ``mod``) is of a
+    kind that never reports them (see _kinds)."""
     if token.flags & lib.CKF_USER_PIN_LOCKED:
         return "locked"
     if token.flags & lib.CKF_USER_PIN_FINAL_TRY:
         return "final_try"
     if token.flags & lib.CKF_USER_PIN_COUNT_LOW:
         return "count_low"
+    if mod is not None and not _kinds.counters_reported(_kinds.kind(mod, token), token):
+        return "not_reported"
     return "ok"
 
 
 def token_uri(token: TokenInfo) -> str:
-    return format_uri([("token", token.label.encode()), ("serial", token.serial.encode())])
+    """A URI naming the token: label and serial, and manufacturer and model
+    where the serial says nothing (empty or all zeros, as on every TPM)."""
+    attrs = [("token", token.label.encode()), ("serial", token.serial.encode())]
+    if not token.serial.strip("0"):
+        attrs += [("manufacturer", token.manufacturer.encode()), ("model", token.model.encode())]
+    return format_uri(attrs)
 
 
 class Checker:
@@ -169,6 +178,7 @@ class Checker:
         self.candidates: list[bytes] = []
         self.searched = ""
         self.leaf: x509.Certificate | None = None
+        self.kind: str | None = None  # of the token, once found (_kinds)
 
     # -- running --------------------------------------------------------------
 
@@ -179,7 +189,18 @@ class Checker:
         try:
             yield st
         except Error as exc:
-            st.fail(str(exc), _hint_for(exc), error=type(exc).__name__)
+            hint = _hint_for(exc)
+            if isinstance(exc, PinLocked) and self.kind is not None:
+                hint = _kinds.lockout_advice(self.kind)
+            elif isinstance(exc, TokenNotFound) and self.mod is not None and self.mod.unreadable:
+                if any(u.rv == CKR_TOKEN_NOT_RECOGNIZED for u in self.mod.unreadable):
+                    hint = (
+                        "the card in the reader needs another PKCS#11 module: its own middleware's (--module), "
+                        "or an OpenSC with a driver for it"
+                    )
+                else:
+                    hint = "leave the card in the reader and run check again"
+            st.fail(str(exc), hint, error=type(exc).__name__)
         if st.status == "fail":
             raise _Stop(sid)
 
@@ -311,7 +332,8 @@ class Checker:
     def _token(self, st: Step) -> None:
         assert self.mod is not None and self.uri is not None
         tok = self.token = self.mod.find_token(self.uri)
-        state = pin_state(tok)
+        self.kind = _kinds.kind(self.mod, tok)
+        state = pin_state(tok, self.mod)
         raw = self.mod.raw_token_info(tok.slot_id)
         facts = {
             "label": tok.label,
@@ -325,16 +347,19 @@ class Checker:
             "pinpad": tok.protected_authentication_path,
             "pin_state": state,
             "pin_length": [int(raw.ulMinPinLen), int(raw.ulMaxPinLen)],
+            "token_kind": self.kind,
         }
         where = f"{tok}, slot {tok.slot_id}{', pinpad reader' if tok.protected_authentication_path else ''}"
         if state == "locked":
-            st.fail(f"{where}: the user PIN is locked", _HINTS[PinLocked], **facts)
+            st.fail(f"{where}: the user PIN is locked", _kinds.lockout_advice(self.kind), **facts)
         elif state == "final_try":
             st.fail(f"{where}: one more wrong PIN locks the card", _HINTS[PinFinalTry], **facts)
             if self.force:  # the user knows; the login step warns again
                 st.warn(st.summary, "--force given: the login will use the final try", **facts)
         elif state == "count_low":
             st.warn(f"{where}: the card reports few PIN tries left", "make sure of the PIN before logging in", **facts)
+        elif state == "not_reported":
+            st.ok(f"{where}; PIN tries: {_kinds.NOT_REPORTED} ({_kinds.unguarded(self.kind)})", **facts)
         else:
             st.ok(f"{where}; PIN tries: not low", **facts)
 

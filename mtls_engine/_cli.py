@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -125,7 +126,34 @@ def refuse_pins_in_arguments(args: argparse.Namespace) -> None:
             )
 
 
+# Exit status when the reader of standard output went away (``check --json
+# | head -1``): what a shell reports for a command killed by SIGPIPE.
+BROKEN_PIPE_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.  A reader that goes away before the
+    output is written ends the command quietly (no traceback)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's own
+    flush at exit does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    quiet_foreign_logs()
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     try:
@@ -145,6 +173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             warnings.showwarning = previous
     return status
+
+
+# Log settings of libraries a PKCS#11 module may bring along, which write to
+# the process's stderr on their own: the TPM2 software stack prints every
+# TPM error, even a wrong PIN, as "WARNING:esys:..." / "ERROR:esys:..."
+# lines.  The commands say what failed in their own words; a user who wants
+# those lines sets TSS2_LOG (e.g. all+warning).  (tpm2-pkcs11 1.9 prints its
+# own errors, e.g. "ERROR: Error unsealing wrapping key", whatever its
+# TPM2_PKCS11_LOG_LEVEL says: those still reach stderr, never stdout.)
+FOREIGN_LOG_SETTINGS = {"TSS2_LOG": "all+none"}
+
+
+def quiet_foreign_logs() -> None:
+    """Set FOREIGN_LOG_SETTINGS that the user did not set (before any module
+    loads: the libraries read them once)."""
+    for name, value in FOREIGN_LOG_SETTINGS.items():
+        os.environ.setdefault(name, value)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:

@@ -17,14 +17,14 @@ from typing import Any
 
 from cryptography import x509
 
-from . import _names
+from . import _kinds, _names
 from ._api import MODULE_ENV
 from ._backends import key_uri
 from ._check import pin_state, token_uri
 from ._cliutil import add_card_arguments, cli_pin
-from ._errors import ModuleLoadError
+from ._errors import ModuleLoadError, Pkcs11Error
 from ._lib import lib
-from ._p11 import KeyObject, Module, TokenInfo, _pad, ulong_bytes
+from ._p11 import UNREADABLE_TOKEN, KeyObject, Module, TokenInfo, _pad, ckr, ulong_bytes
 from ._pin import MEMORY, pin_getter
 from ._secret import wipe
 from ._uri import parse
@@ -125,7 +125,15 @@ def describe_module(mod: Module, login_slot: int | None = None) -> dict[str, Any
         data["slots"].append(slot)
         if not sinfo.flags & lib.CKF_TOKEN_PRESENT:
             continue
-        tok = mod.token_info(slot_id)
+        try:
+            tok = mod.token_info(slot_id)
+        except Pkcs11Error as exc:
+            if exc.rv not in UNREADABLE_TOKEN:
+                raise
+            # Something is in the reader that the module cannot read as a
+            # token: say so, and go on with the other slots.
+            slot["token_error"] = {"code": ckr(exc.rv), "text": UNREADABLE_TOKEN[exc.rv]}
+            continue
         raw = mod.raw_token_info(slot_id)
         tdata: dict[str, Any] = {
             "label": tok.label,
@@ -135,7 +143,8 @@ def describe_module(mod: Module, login_slot: int | None = None) -> dict[str, Any
             "uri": token_uri(tok),
             "flags": _names.flags(tok.flags, _names.TOKEN_FLAGS),
             "initialized": bool(tok.flags & lib.CKF_TOKEN_INITIALIZED),
-            "pin_state": pin_state(tok),
+            "pin_state": pin_state(tok, mod),
+            "token_kind": _kinds.kind(mod, tok),
             "pinpad": tok.protected_authentication_path,
             "pin_length": [int(raw.ulMinPinLen), int(raw.ulMaxPinLen)],
             "hardware_version": _version(raw.hardwareVersion),
@@ -163,14 +172,17 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"slot {slot['id']}: {slot['description']} ({', '.join(slot['flags']) or 'no flags'})")
         t = slot["token"]
         if t is None:
-            lines.append("  no token")
+            err = slot.get("token_error")
+            lines.append(f"  {err['text']} ({err['code']})" if err else "  no token")
             continue
         if not t["initialized"]:
             lines.append(f"  token not initialised ({t['manufacturer']} {t['model']})")
             continue
-        pin = t["pin_state"].replace("_", " ") + (", pinpad reader" if t["pinpad"] else "")
+        state = _kinds.NOT_REPORTED if t["pin_state"] == "not_reported" else t["pin_state"].replace("_", " ")
+        pin = f"tries {state}" + (", pinpad reader" if t["pinpad"] else "")
         lines.append(f"  token {t['label']!r} serial {t['serial']} ({t['manufacturer']} {t['model']})")
         lines.append(f"    uri    {t['uri']}")
+        lines.append(f"    kind   {t['token_kind'].replace('_', ' ')}")
         lines.append(f"    PIN    {pin} (length {t['pin_length'][0]}-{t['pin_length'][1]})")
         lines.append(f"    flags  {', '.join(t['flags'])}")
         lines.append(f"    mechanisms ({len(t['mechanisms'])}):")

@@ -13,6 +13,7 @@ session would log the token out.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import warnings
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import _kinds
 from ._errors import (
     AmbiguousUri,
     ModuleLoadError,
@@ -60,6 +62,35 @@ CKR_NAMES = {
     0x190: "CKR_CRYPTOKI_NOT_INITIALIZED",
     0x191: "CKR_CRYPTOKI_ALREADY_INITIALIZED",
 }
+
+
+CKR_DEVICE_REMOVED = 0x032
+CKR_TOKEN_NOT_PRESENT = 0x0E0
+CKR_TOKEN_NOT_RECOGNIZED = 0x0E1
+
+# C_GetTokenInfo answers that say something is in the reader but the module
+# cannot read it as a token: the slot is shown as such, never an abort.
+UNREADABLE_TOKEN = {
+    CKR_TOKEN_NOT_RECOGNIZED: "card present, not recognised by this module",
+    CKR_DEVICE_REMOVED: "card removed while it was being read",
+    CKR_TOKEN_NOT_PRESENT: "card removed while it was being read",
+}
+
+
+@dataclass(frozen=True)
+class UnreadableSlot:
+    """A slot with something in its reader that the module cannot read."""
+
+    slot_id: int
+    description: str  # the reader's name (CK_SLOT_INFO)
+    rv: int
+
+    @property
+    def what(self) -> str:
+        return UNREADABLE_TOKEN[self.rv]
+
+    def __str__(self) -> str:
+        return f"slot {self.slot_id} ({self.description or 'no description'}): {self.what} ({ckr(self.rv)})"
 
 
 def ckr(rv: int) -> str:
@@ -105,8 +136,8 @@ P11_KIT_NO_CONNECTION = "p11-kit (no connection)"
 
 
 class Module:
-    """One loaded, initialised PKCS#11 module (cached per path, never
-    finalised: the backend shares it).
+    """One loaded, initialised PKCS#11 module (cached per path; finalised
+    only at interpreter exit, see finalize_all: the backend shares it).
 
     ``isolated``: the module gives each caller of C_GetFunctionList an
     instance of its own, with its own sessions and login
@@ -117,6 +148,7 @@ class Module:
 
     _cache: ClassVar[dict[str, Module]] = {}
     _cache_lock: ClassVar[ForkSafeLock] = ForkSafeLock()
+    _exit_hook: ClassVar[bool] = False
 
     def __init__(self, path: str, functions: Any) -> None:
         self.path = path
@@ -127,6 +159,7 @@ class Module:
         # logs them in again the same way (see after_fork).
         self._logins: dict[int, tuple[TokenInfo, Callable[[TokenInfo], bytearray | None], Any, bool]] = {}
         self.fork_error: Exception | None = None  # why after_fork failed in this process, if it did
+        self.unreadable: list[UnreadableSlot] = []  # as the last tokens() found them
         self._read_info()
         other = lib.mtls_module_function_list(path.encode())
         self.isolated = other != ffi.NULL and other != functions
@@ -190,6 +223,9 @@ class Module:
                     "configuration (for SoftHSM2: SOFTHSM2_CONF and its token directory)"
                 )
             mod = cls(path, fl)
+            if not cls._cache and not cls._exit_hook:
+                atexit.register(finalize_all)
+                cls._exit_hook = True
             cls._cache[real] = mod
             return mod
 
@@ -201,13 +237,31 @@ class Module:
             raise Pkcs11Error(f"{call} failed with {ckr(rv)}{detail} (module {self.path})", rv, call)
 
     def tokens(self) -> list[TokenInfo]:
-        """Every slot with a token present."""
+        """Every slot with a token present that the module can read (the
+        others are in ``unreadable`` afterwards)."""
         with self._lock:
             n = ffi.new("unsigned long *")
             self._check(self.fl.C_GetSlotList(1, ffi.NULL, n), "C_GetSlotList")
             slots = ffi.new("CK_SLOT_ID[]", max(n[0], 1))
             self._check(self.fl.C_GetSlotList(1, slots, n), "C_GetSlotList")
-            return [self.token_info(int(slots[i])) for i in range(n[0])]
+            out = []
+            unreadable = []
+            for i in range(n[0]):
+                try:
+                    out.append(self.token_info(int(slots[i])))
+                except Pkcs11Error as exc:
+                    if exc.rv not in UNREADABLE_TOKEN:
+                        raise
+                    unreadable.append(UnreadableSlot(int(slots[i]), self.slot_description(int(slots[i])), exc.rv))
+            self.unreadable = unreadable
+            return out
+
+    def slot_description(self, slot_id: int) -> str:
+        """The slot's description (a reader's name), "" when it will not say."""
+        info = ffi.new("CK_SLOT_INFO *")
+        if self.fl.C_GetSlotInfo(slot_id, info) != lib.CKR_OK:
+            return ""
+        return _pad(info.slotDescription)
 
     def token_info(self, slot_id: int) -> TokenInfo:
         info = self._raw_token_info(slot_id)
@@ -223,6 +277,15 @@ class Module:
     def _raw_token_info(self, slot_id: int) -> Any:
         info = ffi.new("CK_TOKEN_INFO *")
         self._check(self.fl.C_GetTokenInfo(slot_id, info), "C_GetTokenInfo")
+        # PKCS#11 pads these fields with spaces; tpm2-pkcs11 1.9 pads the
+        # model with NULs ("SW   TPM\0\0..."), which p11-kit's URI matching
+        # then never matches: pad them all with spaces.
+        for name in ("label", "manufacturerID", "model", "serialNumber"):
+            field_ = getattr(info, name)
+            raw = bytes(field_)
+            end = raw.find(b"\x00")
+            if end >= 0:
+                ffi.memmove(field_, raw[:end] + b" " * (len(raw) - end), len(raw))
         return info
 
     def find_token(self, uri: ParsedUri) -> TokenInfo:
@@ -250,6 +313,23 @@ class Module:
                     "and set P11_KIT_SERVER_ADDRESS to the address it prints"
                 )
             present = ", ".join(str(t) for t in all_tokens) or "none"
+            if self.unreadable:
+                cards = "; ".join(
+                    f"a card is in reader {u.description!r} (slot {u.slot_id}) but this module "
+                    f"{'does not recognise it' if u.rv == CKR_TOKEN_NOT_RECOGNIZED else 'lost it while reading it'} "
+                    f"({ckr(u.rv)})"
+                    for u in self.unreadable
+                )
+                advice = (
+                    "Use the PKCS#11 module of the card's own middleware (--module), or an OpenSC with a "
+                    "driver for this card"
+                    if any(u.rv == CKR_TOKEN_NOT_RECOGNIZED for u in self.unreadable)
+                    else "Leave the card in the reader and try again"
+                )
+                raise TokenNotFound(
+                    f"no token matches {uri.safe!r} in module {self.path!r}: {cards}; tokens present: "
+                    f"{present}. {advice}"
+                )
             raise TokenNotFound(
                 f"no token matches {uri.safe!r} in module {self.path!r}; tokens present: "
                 f"{present}. Insert the card, or fix the URI's token/serial attributes"
@@ -321,8 +401,7 @@ class Module:
             if fresh.flags & lib.CKF_USER_PIN_LOCKED:
                 raise PinLocked(
                     f"the user PIN of {fresh} is locked; mtls_engine did not try to log in. "
-                    "Have it unblocked with the security officer PIN or PUK (e.g. pkcs11-tool "
-                    "--unlock-pin)"
+                    f"{_capital(_kinds.lockout_advice(_kinds.kind(self, fresh)))}"
                 )
             if fresh.flags & lib.CKF_USER_PIN_FINAL_TRY:
                 if not allow_final_try:
@@ -391,12 +470,17 @@ class Module:
                 state = " One try is left before the card locks."
             elif after.flags & lib.CKF_USER_PIN_COUNT_LOW:
                 state = " Few tries are left."
+            elif not _kinds.counters_reported(_kinds.kind(self, after), after):
+                state = " This token does not say how many tries are left."
             raise PinIncorrect(
                 f"{fresh} rejected the PIN (CKR_PIN_INCORRECT); it was tried once and will not "
                 f"be tried again.{state} Check the PIN before retrying"
             )
         if rv == lib.CKR_PIN_LOCKED:
-            raise PinLocked(f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED)")
+            raise PinLocked(
+                f"the user PIN of {fresh} is locked (CKR_PIN_LOCKED). "
+                f"{_capital(_kinds.lockout_advice(_kinds.kind(self, fresh)))}"
+            )
         if rv == lib.CKR_PIN_LEN_RANGE:
             raise PinIncorrect(f"{fresh} refused the PIN because of its length (CKR_PIN_LEN_RANGE); check the PIN")
         try:
@@ -612,6 +696,29 @@ class Module:
             return {int(mechs[i]) for i in range(n[0])}
 
 
+def finalize_all() -> None:
+    """At interpreter exit: C_Finalize every module loaded here.  (Where
+    the module gives each caller an instance of its own, p11-kit-client.so,
+    the backend's instance is the backend's to finalise.)
+
+    Without it a token reached with no resource manager in between (a TPM
+    through /dev/tpm0 or a simulator socket) keeps the objects and sessions
+    of every process that ended: a TPM holds 3 of each, so the third process
+    in a row fails to log in.  This runs among Python's exit handlers, so
+    before OpenSSL's own clean-up: the backend finds the module finalised
+    (every later call answers CKR_CRYPTOKI_NOT_INITIALIZED) and never
+    finalises it itself (pkcs11-provider runs with the no-deinit quirk:
+    SoftHSM2 finalised from OpenSSL's clean-up crashes, see _config)."""
+    with Module._cache_lock:
+        modules = list(Module._cache.values())
+        Module._cache.clear()
+    for mod in modules:
+        with mod._lock:
+            mod._sessions.clear()
+            mod._logins.clear()
+            mod.fl.C_Finalize(ffi.NULL)
+
+
 def _initialize(fl: Any) -> int:
     args = ffi.new("CK_C_INITIALIZE_ARGS *")
     args.flags = lib.CKF_OS_LOCKING_OK
@@ -621,6 +728,10 @@ def _initialize(fl: Any) -> int:
 def ulong_bytes(value: int) -> bytes:
     """A CK_ULONG attribute value, as the module expects it in a template."""
     return bytes(ffi.buffer(ffi.new("unsigned long *", value)))
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _show(obj: KeyObject) -> str:

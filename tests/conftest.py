@@ -264,3 +264,67 @@ def shim_card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> ShimCard:
     token.store_certificate(pki.ca.issue(pub, "card-holder shimcard"), "ec256", "02", work)
     token.generate_key(KeyKind.P256, "other", "03")  # signs in place of ec256 with sign_with="other"
     return ShimCard(shim, store, token)
+
+
+# ---- a TPM 2.0 token (swtpm + tpm2-abrmd + tpm2-pkcs11) ----------------------
+
+TPM_KEYS = {KeyKind.RSA2048: CARD_KEYS[KeyKind.RSA2048], KeyKind.P256: CARD_KEYS[KeyKind.P256]}
+
+
+@dataclass
+class TpmCard:
+    tpm: Any  # mtls_engine._tpm.Tpm
+    token: Any  # mtls_engine._tpm.TpmToken
+    workdir: Path
+
+    @property
+    def module(self) -> str:
+        return str(self.tpm.module)
+
+    def key_uri(self, kind: KeyKind) -> str:
+        return str(self.token.uri(object=TPM_KEYS[kind].label, type="private"))
+
+    def env(self) -> dict[str, str]:
+        return dict(self.tpm.env())
+
+
+def _tpm_card(pki: Pki, directory: Path, label: str) -> TpmCard:
+    from mtls_engine import _tpm
+
+    missing = _tpm.missing_tools()
+    need(not missing, f"the TPM 2.0 test token needs: {', '.join(missing)}")
+    tpm = _tpm.Tpm.start(directory)
+    try:
+        token = tpm.init_token(label, pin=TEST_PIN)
+        for spec in TPM_KEYS.values():
+            pub = token.generate_key(spec.kind, spec.label, spec.key_id)
+            token.store_certificate(pki.ca.issue(pub, f"card-holder {label} {spec.label}"), spec.label,
+                                    spec.key_id, directory)  # fmt: skip
+    except BaseException:
+        tpm.close()
+        raise
+    return TpmCard(tpm, token, directory)
+
+
+@pytest.fixture(scope="session")
+def tpm_card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TpmCard]:
+    """A TPM 2.0 token (software TPM behind tpm2-abrmd on a private D-Bus)
+    with an RSA-2048 and a P-256 key generated in the TPM and certificates
+    from the test CA, user PIN TEST_PIN.  Reached only from child processes
+    (with ``env()``): pkcs11-provider serves one module per process."""
+    card = _tpm_card(pki, tmp_path_factory.mktemp("tpm"), "tpm1")
+    yield card
+    card.tpm.close()
+
+
+@pytest.fixture
+def tpm_direct(pki: Pki, tmp_path: Path) -> Iterator[TpmCard]:
+    """A TPM 2.0 token of its own, reached with no resource manager (the
+    simulator's socket as the TCTI, like /dev/tpm0): whatever a process
+    leaves loaded stays in the TPM."""
+    card = _tpm_card(pki, tmp_path / "tpm", "tpmdirect")
+    try:
+        card.tpm.drop_resource_manager()
+        yield card
+    finally:
+        card.tpm.close()

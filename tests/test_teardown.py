@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import Pki
+from . import p11shim
+from .conftest import SHIM_PIN, Pki, ShimCard
 from .helpers import run_python
 
 SCRIPT = """
@@ -79,3 +82,26 @@ def test_exit_status_zero_in_a_forked_child_and_its_parent(pki: Pki, backend: st
     assert words == ["parent commonName=card-holder ec256", "child commonName=card-holder ec256",
                      "child exited with 0"], proc.stdout  # fmt: skip
     assert "after fork" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["keep-contexts-alive", "drop"])
+def test_module_is_finalized_once_at_exit(
+    pki: Pki, shim_card: ShimCard, mode: str, backend: str, tmp_path: Path
+) -> None:
+    """Each process C_Finalizes its module at exit (a TPM reached with no
+    resource manager keeps whatever a process leaves loaded), after its
+    handshakes, with the backend still holding keys, and exits with status 0
+    (pkcs11-provider loaded: its own finalisation at exit crashes)."""
+    env = shim_card.env(tmp_path)
+    proc = run_python(
+        SCRIPT,
+        env={**env, "T_SCERT": str(pki.server_cert), "T_SKEY": str(pki.server_key), "T_CA": str(pki.ca_file),
+             "T_URIS": shim_card.key_uri, "T_PIN": SHIM_PIN, "T_MODE": mode, "T_BACKEND": backend},
+    )  # fmt: skip
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.splitlines() == ["commonName=card-holder shimcard"] * 3 + ["done"]
+    calls = p11shim.read_log(env["MTLS_SHIM_LOG"])
+    finals = [rv for name, rv, _ in calls if name == "C_Finalize"]
+    assert finals[:1] == [0], calls[-5:]  # the first one succeeded: the module was still initialised
+    assert [rv for n, rv, _ in calls if n == "C_Initialize"].count(0) == 1
+    assert p11shim.count(env["MTLS_SHIM_LOG"], "C_Login") == 1

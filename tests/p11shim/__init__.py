@@ -93,6 +93,8 @@ def shim_env(
     pinpad_pin: str | None = None,
     sign_delay_ms: int | None = None,
     sign_with: str | None = None,
+    token_error: tuple[str, int] | None = None,
+    identity: tuple[str, str, str, str] | None = None,
     log: bool = True,
 ) -> dict[str, str]:
     """Environment variables configuring the shim.  Its files live in
@@ -100,7 +102,12 @@ def shim_env(
     (``MTLS_SHIM_STATE``, with ``max_tries``) and ``pinpad-pin``
     (``MTLS_SHIM_PINPAD_PIN_FILE``, written 0600 with ``pinpad_pin``).
     ``sign_with`` names (CKA_LABEL) the private key on the same token that
-    makes every signature, in place of the key the caller signs with."""
+    makes every signature, in place of the key the caller signs with.
+    ``token_error`` (label, CKR code): C_GetTokenInfo of that token fails
+    with that code (CKR_TOKEN_NOT_RECOGNIZED: a card the module cannot read).
+    ``identity`` (library manufacturer, library description, token
+    manufacturer, token model; "" keeps the real one): what the module and
+    its tokens say they are (another kind of token than SoftHSM2's)."""
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     flags = list(token_flags)
@@ -123,6 +130,11 @@ def shim_env(
         env["MTLS_SHIM_SIGN_DELAY_MS"] = str(sign_delay_ms)
     if sign_with:
         env["MTLS_SHIM_SIGN_WITH"] = sign_with
+    if identity is not None:
+        env["MTLS_SHIM_IDENTITY"] = "|".join(identity)
+    if token_error is not None:
+        label, rv = token_error
+        env["MTLS_SHIM_TOKEN_ERROR"] = f"{label}:{rv:X}"
     if log:
         env["MTLS_SHIM_LOG"] = str(state / "shim.log")
     return env

@@ -19,6 +19,15 @@
  *                              caller named (whose public parts, and so its
  *                              certificate, the caller still believes in)
  *   MTLS_SHIM_LOG=FILE         one line per wrapped call: "NAME rv=0x%08lX pid=N ..."
+ *   MTLS_SHIM_IDENTITY=LIBMAN|LIBDESC|TOKMAN|TOKMODEL  what C_GetInfo says
+ *                              the library's manufacturer and description
+ *                              are, and C_GetTokenInfo every token's
+ *                              manufacturer and model (an empty field: the
+ *                              real module's): a smart card, an HSM, ...
+ *   MTLS_SHIM_TOKEN_ERROR=LABEL:RV  C_GetTokenInfo of the token labelled LABEL
+ *                              fails with RV (hex), e.g. 0xE1 for
+ *                              CKR_TOKEN_NOT_RECOGNIZED: a card the module
+ *                              has no driver for
  *
  * The flags and the counter apply to every token of the real module (tests
  * give the shim a token store of its own).  The PIN-state flags the shim
@@ -58,6 +67,9 @@ static const char *pinpad_pin_path;
 static long sign_delay_ms;
 static const char *sign_with;               /* label of the key that really signs */
 static int log_fd = -1;
+static char identity[4][33];               /* MTLS_SHIM_IDENTITY, "" : keep */
+static char error_label[33];                /* MTLS_SHIM_TOKEN_ERROR: padded label */
+static CK_RV error_rv;
 /* Serialises logins in this process (as a card does); flock() on
  * lock_path serialises them across processes sharing the state file. */
 static pthread_mutex_t login_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -197,6 +209,30 @@ static CK_RV setup_config(void)
     }
     if ((v = getenv("MTLS_SHIM_SIGN_WITH")) != NULL && *v)
         sign_with = v;
+    if ((v = getenv("MTLS_SHIM_IDENTITY")) != NULL && *v) {
+        for (int i = 0; i < 4; i++) {
+            const char *bar = strchr(v, '|');
+            size_t len = bar ? (size_t)(bar - v) : strlen(v);
+            if (len > (i == 3 ? 16 : 32) || (i < 3 && bar == NULL) || (i == 3 && bar != NULL)) {
+                fprintf(stderr, "p11shim: MTLS_SHIM_IDENTITY must be LIBMAN|LIBDESC|TOKMAN|TOKMODEL (32/32/32/16)\n");
+                return CKR_GENERAL_ERROR;
+            }
+            memcpy(identity[i], v, len);
+            identity[i][len] = 0;
+            v = bar ? bar + 1 : v + len;
+        }
+    }
+    if ((v = getenv("MTLS_SHIM_TOKEN_ERROR")) != NULL && *v) {
+        const char *colon = strrchr(v, ':');
+        char *end = NULL;
+        size_t len = colon ? (size_t)(colon - v) : 0;
+        if (colon == NULL || len == 0 || len > 32 || (error_rv = strtoul(colon + 1, &end, 16)) == 0 || *end) {
+            fprintf(stderr, "p11shim: MTLS_SHIM_TOKEN_ERROR must be LABEL:RV (RV in hex, not 0)\n");
+            return CKR_GENERAL_ERROR;
+        }
+        memset(error_label, ' ', 32);
+        memcpy(error_label, v, len);
+    }
     if ((v = getenv("MTLS_SHIM_LOG")) != NULL && *v) {
         log_fd = open(v, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
         if (log_fd < 0) {
@@ -263,6 +299,26 @@ EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
 
 /* ---- wrapped functions --------------------------------------------------- */
 
+/* A padded PKCS#11 text field set to ``text`` unless it is empty. */
+static void set_field(CK_UTF8CHAR *field, size_t size, const char *text)
+{
+    if (*text == 0)
+        return;
+    memset(field, ' ', size);
+    memcpy(field, text, strlen(text));
+}
+
+static CK_RV shim_GetInfo(CK_INFO_PTR info)
+{
+    CK_RV rv = real->C_GetInfo(info);
+
+    if (rv == CKR_OK) {
+        set_field(info->manufacturerID, sizeof(info->manufacturerID), identity[0]);
+        set_field(info->libraryDescription, sizeof(info->libraryDescription), identity[1]);
+    }
+    return rv;
+}
+
 static CK_RV shim_Initialize(CK_VOID_PTR args)
 {
     CK_RV rv;
@@ -286,7 +342,12 @@ static CK_RV shim_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
     CK_RV rv = real->C_GetTokenInfo(slot, info);
 
-    if (rv == CKR_OK) {
+    if (rv == CKR_OK && error_rv != 0 && memcmp(info->label, error_label, 32) == 0) {
+        memset(info, 0, sizeof(*info));
+        rv = error_rv;
+    } else if (rv == CKR_OK) {
+        set_field(info->manufacturerID, sizeof(info->manufacturerID), identity[2]);
+        set_field(info->model, sizeof(info->model), identity[3]);
         /* The shim owns the PIN-state flags: SoftHSM2 sets COUNT_LOW by
          * itself after a failed login and keeps it in the token until the
          * next good one, which would leak from test to test. */
@@ -499,6 +560,7 @@ static void install_wrappers(void)
 {
     shim.C_Initialize = shim_Initialize;
     shim.C_Finalize = shim_Finalize;
+    shim.C_GetInfo = shim_GetInfo;
     shim.C_GetFunctionList = C_GetFunctionList;
     shim.C_GetTokenInfo = shim_GetTokenInfo;
     shim.C_OpenSession = shim_OpenSession;
