@@ -147,7 +147,57 @@ def _describe_spec(spec: str) -> str:
     return f"({len(spec)} characters, not shown in case it is a PIN)"
 
 
-def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytes | None]:
+class PinGetter:
+    """The PIN for a token, from ``pin=`` or else from a URI's ``pin-value``
+    / ``pin-source`` (see :func:`pin_getter`).  Its repr shows no PIN."""
+
+    def __init__(self, pin: PinArg, uris: tuple[ParsedUri, ...]) -> None:
+        self._pin = pin
+        self._uris = uris
+
+    def __repr__(self) -> str:
+        return "<PinGetter>"
+
+    def given(self) -> bytes | None:
+        """The PIN when it was given as a value (``pin=`` a str or bytes, or
+        the URI's ``pin-value``): known without calling, prompting or reading
+        anything.  None for a callable, a PIN source or no PIN."""
+        if isinstance(self._pin, (str, bytes)):
+            return _as_bytes(self._pin)
+        if self._pin is not None:
+            return None
+        for u in self._uris:
+            if u.pin_value is not None:
+                return _as_bytes(u.pin_value)
+            if u.pin_source is not None:
+                return None
+        return None
+
+    def __call__(self, token: TokenInfo) -> bytes | None:
+        pin = self._pin
+        if isinstance(pin, (str, bytes)):
+            return _as_bytes(pin)
+        if callable(pin):
+            got = pin(token)
+            if got is None:
+                return None
+            if not isinstance(got, (str, bytes)):
+                raise PinError(f"the PIN callback returned {type(got).__name__}; return a str, bytes or None")
+            return _as_bytes(got)
+        for u in self._uris:
+            if u.pin_value is not None:
+                return _as_bytes(u.pin_value)
+            source = u.pin_source
+            if source is not None:
+                if source.startswith("file:"):
+                    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+                else:
+                    path = source
+                return _read_pin_file(path, "the URI's pin-source")
+        return None
+
+
+def pin_getter(pin: PinArg, *uris: ParsedUri) -> PinGetter:
     """A function giving the PIN for a token, from ``pin`` or else from a
     URI's ``pin-value`` / ``pin-source``.  Giving a PIN in two places is an
     error: it is never clear which one the user meant."""
@@ -163,27 +213,4 @@ def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytes | N
         raise PinError(f"the PIN is given twice ({' and '.join(sources)}); give it once")
     if pin is not None and not (isinstance(pin, (str, bytes)) or callable(pin)):
         raise PinError(f"pin= must be a str, bytes or a callable, not {type(pin).__name__}")
-
-    def get(token: TokenInfo) -> bytes | None:
-        if isinstance(pin, (str, bytes)):
-            return _as_bytes(pin)
-        if callable(pin):
-            got = pin(token)
-            if got is None:
-                return None
-            if not isinstance(got, (str, bytes)):
-                raise PinError(f"the PIN callback returned {type(got).__name__}; return a str, bytes or None")
-            return _as_bytes(got)
-        for u in uris:
-            if u.pin_value is not None:
-                return _as_bytes(u.pin_value)
-            source = u.pin_source
-            if source is not None:
-                if source.startswith("file:"):
-                    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
-                else:
-                    path = source
-                return _read_pin_file(path, "the URI's pin-source")
-        return None
-
-    return get
+    return PinGetter(pin, uris)
