@@ -167,6 +167,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
     # URIs that match more than one token.
     pintest = folder.add_card("pintest", [KeyKind.P256], pin=TEST_PIN).token
     card2 = folder.add_card("card2", [KeyKind.P256], pin=TEST_PIN).token
+    # The plugin's mtls_card (on this folder, see mtls_token_folder): made
+    # now, as SoftHSM2 sees only the tokens that exist when it is loaded.
+    folder.add_card("mtls-card")
     yield Pki(folder.directory, cast(TokenStore, folder.store), ca, folder.ca_file, other_ca_file, folder.server_cert,
               folder.server_key, card1, pintest, card2, rsa_cert_file, folder)  # fmt: skip
     folder.close()

@@ -179,6 +179,8 @@ def test_a_second_active_folder_in_one_process_is_refused(mtls_card: Card) -> No
     mtls_engine.load_card_key(
         ssl.create_default_context(), mtls_card.key_uri(), module=mtls_card.module, pin=mtls_card.pin
     )  # fmt: skip  (SoftHSM2 is loaded in this process)
+    with pytest.raises(TokenFolderError, match=r"^cannot add the card 'late': SoftHSM2 is already loaded in this pro"):
+        mtls_card.folder.add_card("late")
     before = os.environ["SOFTHSM2_CONF"]
     with pytest.raises(TokenFolderError, match=r"SoftHSM2 is already loaded in this process with SOFTHSM2_CONF="):
         TokenFolder.create()

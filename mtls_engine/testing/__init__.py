@@ -215,6 +215,9 @@ class TokenFolder:
             self._saved_env.setdefault(name, os.environ.get(name))
             os.environ[name] = value
 
+    def _active(self) -> bool:
+        return all(os.environ.get(name) == value for name, value in self.store.env.items())
+
     def add_card(
         self,
         label: str = "mtls-card",
@@ -233,6 +236,12 @@ class TokenFolder:
             raise TokenFolderError(f"the token folder {self.directory} is closed")
         if any(c.label == label for c in self.cards):
             raise TokenFolderError(f"this token folder already has a card labelled {label!r}; pick another label")
+        if self.kind == "softhsm2" and self._active() and _softhsm_in_use(self.module):
+            raise TokenFolderError(
+                f"cannot add the card {label!r}: SoftHSM2 is already loaded in this process and sees only the "
+                "tokens that existed when it was; make every card before the first key is loaded (e.g. in a "
+                "session fixture), or use a folder made with activate=False from other processes"
+            )
         pin = pin if pin is not None else f"{secrets.randbelow(10**8):08d}"
         so_pin = so_pin if so_pin is not None else f"{secrets.randbelow(10**8):08d}"
         token = self.store.init_token(label, pin=pin, so_pin=so_pin)
