@@ -167,19 +167,23 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
     # URIs that match more than one token.
     pintest = folder.add_card("pintest", [KeyKind.P256], pin=TEST_PIN).token
     card2 = folder.add_card("card2", [KeyKind.P256], pin=TEST_PIN).token
-    # The plugin's mtls_card (on this folder, see mtls_token_folder): made
-    # now, as SoftHSM2 sees only the tokens that exist when it is loaded.
-    folder.add_card("mtls-card")
     yield Pki(folder.directory, cast(TokenStore, folder.store), ca, folder.ca_file, other_ca_file, folder.server_cert,
               folder.server_key, card1, pintest, card2, rsa_cert_file, folder)  # fmt: skip
     folder.close()
 
 
+# mtls_engine.testing's pytest plugin, on this session's token folder and
+# card1: SoftHSM2 reads its configuration, and sees the tokens, once per
+# process (and a token more would change what URIs like 'pkcs11:' match).
 @pytest.fixture(scope="session")
 def mtls_token_folder(pki: Pki) -> testing.TokenFolder:
-    """The plugin's fixtures (mtls_card) use this session's token folder:
-    SoftHSM2 reads its configuration once per process."""
     return pki.folder
+
+
+@pytest.fixture(scope="session")
+def mtls_card(pki: Pki) -> testing.Card:
+    (card1,) = [card for card in pki.folder.cards if card.label == "card1"]
+    return card1
 
 
 @pytest.fixture(scope="session")

@@ -79,10 +79,17 @@ RECORD_FOLDER = """
 import os
 
 
-def test_where_the_token_folder_is(mtls_token_folder):
+from mtls_engine.testing import KeyKind
+
+
+def test_where_the_token_folder_is(mtls_token_folder, mtls_card):
     with open(os.environ["T_RECORD"], "w") as f:
         f.write(str(mtls_token_folder.directory))
     assert os.environ["SOFTHSM2_CONF"].startswith(str(mtls_token_folder.directory))
+    assert mtls_card.folder is mtls_token_folder and mtls_token_folder.cards == [mtls_card]
+    assert mtls_card.label == "mtls-card" and mtls_card.keys == [KeyKind.RSA2048, KeyKind.P256]
+    assert mtls_card.key_uri(KeyKind.RSA2048) == "pkcs11:token=mtls-card;object=rsa2048;type=private"
+    assert mtls_card.subject(KeyKind.RSA2048) == mtls_card.subject() == "CN=card-holder mtls-card"
 """
 
 
@@ -119,9 +126,10 @@ def test_an_unavailable_token_kind_skips_with_the_reason(pki: Pki, tmp_path: Pat
     )
 
 
-def test_the_plugin_fixtures_share_this_sessions_token_folder(mtls_card: Card, pki: Pki) -> None:
-    assert mtls_card.folder is pki.folder
-    assert mtls_card.label == "mtls-card" and mtls_card.keys == [KeyKind.RSA2048, KeyKind.P256]
+def test_this_suite_gives_the_plugin_fixtures_its_token_folder(mtls_card: Card, pki: Pki) -> None:
+    assert mtls_card.folder is pki.folder and mtls_card.token is pki.card1
+    assert mtls_card.keys == [KeyKind.RSA2048, KeyKind.P256, KeyKind.P384]
+    assert mtls_card.pin_file.read_text() == pki.card1.pin
     assert os.environ["SOFTHSM2_CONF"] == str(pki.store.conf)
 
 
@@ -129,14 +137,15 @@ def test_the_plugin_fixtures_share_this_sessions_token_folder(mtls_card: Card, p
 def test_a_card_key_client_handshakes_with_the_local_server(mtls_card: Card, backend: str, kind: KeyKind) -> None:
     ctx = mtls_engine.client_context(key=mtls_card.key_uri(kind), cafile=mtls_card.ca_file, module=mtls_card.module,
                                      pin=mtls_engine.pin_source(mtls_card.pin_source), backend=backend)  # fmt: skip
+    subject = f"CN=card-holder {testing.KEY_NAMES[kind][0]}"  # card1's certificates name their key
     with mtls_card.https_server() as server:
         for _ in range(2):
             with urllib.request.urlopen(server.url, context=ctx, timeout=30) as resp:
-                assert resp.read() == b"hello, CN=card-holder mtls-card\n"
-    assert server.clients == ["CN=card-holder mtls-card"] * 2
+                assert resp.read() == f"hello, {subject}\n".encode()
+    assert server.clients == [subject] * 2
     assert server.errors == []
     expected = mtls_card.certificate(kind)
-    assert expected.subject.rfc4514_string() == "CN=card-holder mtls-card"
+    assert mtls_card.subject(kind) == subject
     assert expected.issuer == mtls_card.folder.ca.cert.subject
     # the key on the token is the one the certificate names
     assert mtls_engine.load_card_key(ssl.create_default_context(), mtls_card.key_uri(kind), module=mtls_card.module,
@@ -161,10 +170,11 @@ def test_pin_file_is_private_and_no_repr_shows_the_pin(mtls_card: Card) -> None:
 
 
 def test_errors_name_what_to_fix(mtls_card: Card, tmp_path: Path) -> None:
-    with pytest.raises(TokenFolderError, match=r"^mtls-card has no P384 key \(it has: RSA2048, P256\); add_key"):
-        mtls_card.key_uri(KeyKind.P384)
-    with pytest.raises(TokenFolderError, match="already has a card labelled 'mtls-card'; pick another label"):
-        mtls_card.folder.add_card("mtls-card")
+    (pintest,) = [card for card in mtls_card.folder.cards if card.label == "pintest"]
+    with pytest.raises(TokenFolderError, match=r"^pintest has no RSA2048 key \(it has: P256\); add_key"):
+        pintest.key_uri(KeyKind.RSA2048)
+    with pytest.raises(TokenFolderError, match="already has a card labelled 'card1'; pick another label"):
+        mtls_card.folder.add_card("card1")
     with pytest.raises(TokenFolderError, match=r"^unknown token kind 'yubikey'; use one of softhsm2, tpm2$"):
         TokenFolder.create(tmp_path / "x", kind="yubikey")
     with pytest.raises(TokenKindUnavailable, match=r"TPM 2\.0 test token needs .*; use kind='softhsm2'$"):
