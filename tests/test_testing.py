@@ -169,6 +169,18 @@ def test_pin_file_is_private_and_no_repr_shows_the_pin(mtls_card: Card) -> None:
         assert mtls_card.pin not in text
 
 
+def test_pin_env_is_a_pin_source_without_a_file(tmp_path: Path) -> None:
+    folder = TokenFolder.create(tmp_path / "f", activate=False)
+    card = folder.add_card("envcard", [KeyKind.P256])
+    os.environ.pop("T_CARD_PIN", None)
+    assert card.pin_env("T_CARD_PIN") == "env:T_CARD_PIN"
+    assert os.environ["T_CARD_PIN"] == card.pin
+    assert mtls_engine.pin_source("env:T_CARD_PIN")(None) == card.pin.encode()  # type: ignore[arg-type]
+    assert not list(tmp_path.rglob("*.pin"))
+    folder.close()
+    assert "T_CARD_PIN" not in os.environ
+
+
 def test_errors_name_what_to_fix(mtls_card: Card, tmp_path: Path) -> None:
     (pintest,) = [card for card in mtls_card.folder.cards if card.label == "pintest"]
     with pytest.raises(TokenFolderError, match=r"^pintest has no RSA2048 key \(it has: P256\); add_key"):

@@ -212,8 +212,12 @@ class TokenFolder:
                     "it only once; use one token folder per process (add cards to it with add_card), or make "
                     "this one before anything loads SoftHSM2"
                 )
-            self._saved_env.setdefault(name, os.environ.get(name))
-            os.environ[name] = value
+            self._set_env(name, value)
+
+    def _set_env(self, name: str, value: str) -> None:
+        """Set ``name`` until close(), which restores what it was."""
+        self._saved_env.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
 
     def _active(self) -> bool:
         return all(os.environ.get(name) == value for name, value in self.store.env.items())
@@ -348,6 +352,13 @@ class Card:
     def pin_source(self) -> str:
         """``file:PATH`` of pin_file, for ``mtls_engine.pin_source`` and ``--pin-source``."""
         return f"file:{self.pin_file}"
+
+    def pin_env(self, var: str = "MTLS_ENGINE_TEST_PIN") -> str:
+        """Set the environment variable ``var`` to the PIN in this process
+        (until the folder closes) and return ``env:VAR``, a PIN source that
+        leaves no file behind (subprocesses inherit it)."""
+        self.folder._set_env(var, self.pin)
+        return f"env:{var}"
 
     def add_key(self, kind: KeyKind) -> None:
         """Generate a key of ``kind`` on the token and store a client
