@@ -394,6 +394,7 @@ class Module:
     ) -> bytearray | None:
         with self._lock:
             if self.logged_in(token.slot_id):
+                _same_pin_or_raise(token, get_pin, pin_memory)
                 return None
             fresh = self.token_info(token.slot_id)
             if not fresh.flags & lib.CKF_LOGIN_REQUIRED:
@@ -717,6 +718,31 @@ def finalize_all() -> None:
             mod._sessions.clear()
             mod._logins.clear()
             mod.fl.C_Finalize(ffi.NULL)
+
+
+def _same_pin_or_raise(token: TokenInfo, get_pin: Callable[[TokenInfo], bytearray | None], pin_memory: Any) -> None:
+    """For a token this process has logged in already: a PIN given as a
+    value that differs from the one that logged it in raises PinIncorrect.
+    The token keeps one login per process and would never check that PIN,
+    so the card-holder who mistyped it would learn nothing now and lose a
+    try in the next process.  A callable or PIN source is not consulted (a
+    login is not needed, so nobody is asked); a pinpad takes no PIN."""
+    if token.protected_authentication_path:
+        return
+    given = getattr(get_pin, "given", None)
+    pin = given() if callable(given) else None
+    if pin is None:
+        return
+    try:
+        differs = pin_memory.compare_accepted(token, pin) is False
+    finally:
+        wipe(pin)
+    if differs:
+        raise PinIncorrect(
+            f"this PIN differs from the one that logged {token} in earlier in this process; the token was "
+            "not asked (it stays logged in and would not check it, and a wrong PIN would cost a try in the "
+            "next process). Give the PIN that logged it in, or pin=None to use that login"
+        )
 
 
 def _initialize(fl: Any) -> int:

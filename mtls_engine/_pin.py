@@ -205,7 +205,63 @@ def _describe_spec(spec: str) -> str:
     return f"({len(spec)} characters, not shown in case it is a PIN)"
 
 
-def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytearray | None]:
+class PinGetter:
+    """The PIN for a token, from ``pin=`` or else from a URI's ``pin-value``
+    / ``pin-source`` (see :func:`pin_getter`), each time as a new bytearray
+    for the caller to :func:`wipe`.  Its repr shows no PIN."""
+
+    def __init__(self, pin: PinArg, uris: tuple[ParsedUri, ...]) -> None:
+        self._pin = pin
+        self._uris = uris
+
+    def __repr__(self) -> str:
+        return "<PinGetter>"
+
+    def given(self) -> bytearray | None:
+        """The PIN when it was given as a value (``pin=`` a str or bytes, or
+        the URI's ``pin-value``): known without calling, prompting or reading
+        anything; a new bytearray to wipe.  None for a callable, a PIN source
+        or no PIN."""
+        if isinstance(self._pin, (str, bytes)):
+            return _as_pin(self._pin)
+        if self._pin is not None:
+            return None
+        for u in self._uris:
+            value = u.pin_value_bytes()
+            if value is not None:
+                return value
+            if u.pin_source is not None:
+                return None
+        return None
+
+    def __call__(self, token: TokenInfo) -> bytearray | None:
+        pin = self._pin
+        if isinstance(pin, (str, bytes)):
+            return _as_pin(pin)
+        if isinstance(pin, _Source) or pin is prompt_pin:
+            return pin(token)  # already a new bytearray of its own
+        if callable(pin):
+            got = pin(token)
+            if got is None:
+                return None
+            if not isinstance(got, (str, bytes, bytearray)):
+                raise PinError(f"the PIN callback returned {type(got).__name__}; return a str, bytes or None")
+            return _as_pin(got)
+        for u in self._uris:
+            value = u.pin_value_bytes()
+            if value is not None:
+                return value
+            source = u.pin_source
+            if source is not None:
+                if source.startswith("file:"):
+                    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
+                else:
+                    path = source
+                return _read_pin_file(path, "the URI's pin-source")
+        return None
+
+
+def pin_getter(pin: PinArg, *uris: ParsedUri) -> PinGetter:
     """A function giving the PIN for a token, from ``pin`` or else from a
     URI's ``pin-value`` / ``pin-source``, as a new bytearray for the caller
     to :func:`wipe`.  Giving a PIN in two places is an error: it is never
@@ -222,30 +278,4 @@ def pin_getter(pin: PinArg, *uris: ParsedUri) -> Callable[[TokenInfo], bytearray
         raise PinError(f"the PIN is given twice ({' and '.join(sources)}); give it once")
     if pin is not None and not (isinstance(pin, (str, bytes)) or callable(pin)):
         raise PinError(f"pin= must be a str, bytes or a callable, not {type(pin).__name__}")
-
-    def get(token: TokenInfo) -> bytearray | None:
-        if isinstance(pin, (str, bytes)):
-            return _as_pin(pin)
-        if isinstance(pin, _Source) or pin is prompt_pin:
-            return pin(token)  # already a new bytearray of its own
-        if callable(pin):
-            got = pin(token)
-            if got is None:
-                return None
-            if not isinstance(got, (str, bytes, bytearray)):
-                raise PinError(f"the PIN callback returned {type(got).__name__}; return a str, bytes or None")
-            return _as_pin(got)
-        for u in uris:
-            value = u.pin_value_bytes()
-            if value is not None:
-                return value
-            source = u.pin_source
-            if source is not None:
-                if source.startswith("file:"):
-                    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path)
-                else:
-                    path = source
-                return _read_pin_file(path, "the URI's pin-source")
-        return None
-
-    return get
+    return PinGetter(pin, uris)

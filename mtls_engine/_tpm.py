@@ -117,6 +117,7 @@ class Tpm:
         self.store = directory / "store"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._bus_address: str | None = None
+        self._bus_dir: str | None = None  # a short folder for the bus socket, when directory's path is too long
         self._initialised = False
 
     # -- processes ----------------------------------------------------------
@@ -166,11 +167,21 @@ class Tpm:
         )  # fmt: skip
         _wait_port(self.port, proc)
 
+    def _bus_socket(self) -> str:
+        """Where the private D-Bus listens: in the TPM's folder, unless that
+        path is longer than a Unix socket name may be (108 bytes; a pytest
+        temporary folder easily is), then in a short folder of its own."""
+        path = str(self.directory / "bus")
+        if len(path.encode()) < 100:
+            return path
+        self._bus_dir = tempfile.mkdtemp(prefix="mtls-bus-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        return os.path.join(self._bus_dir, "bus")
+
     def _start_resource_manager(self) -> None:
         bus = self._spawn(
             "dbus",
             ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1",
-             f"--address=unix:path={self.directory / 'bus'}"],
+             f"--address=unix:path={self._bus_socket()}"],
         )  # fmt: skip
         assert bus.stdout is not None
         line = bus.stdout.readline().decode().strip()
@@ -221,6 +232,9 @@ class Tpm:
         for name in ("abrmd", "dbus", "swtpm"):
             self._stop(name)
         self._bus_address = None
+        if self._bus_dir is not None:
+            shutil.rmtree(self._bus_dir, ignore_errors=True)
+            self._bus_dir = None
 
     def __enter__(self) -> Tpm:
         return self

@@ -9,14 +9,14 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import mtls_engine
-from mtls_engine import _softhsm
+from mtls_engine import _softhsm, testing
 from mtls_engine._backends import BACKENDS, STATUS
 from mtls_engine._softhsm import CA, KeyKind, Token, TokenStore
 
@@ -114,6 +114,7 @@ class Pki:
     pintest: Token
     card2: Token
     rsa_cert_file: Path  # card1's RSA certificate as a PEM file
+    folder: testing.TokenFolder
 
     @property
     def module(self) -> str:
@@ -134,37 +135,29 @@ class Pki:
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    missing = _softhsm.missing_tools()
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    missing = testing.missing_tools()
     need(not missing, f"SoftHSM2 test token needs: {', '.join(missing)}")
     work = tmp_path_factory.mktemp("pki")
-    store = TokenStore.create(work / "softhsm")
-    # Every PKCS#11 load in this process must see this store, never the
-    # machine's own token directory.
-    os.environ["SOFTHSM2_CONF"] = str(store.conf)
-    ca = CA.create("mtls_engine test CA")
-    ca_file = work / "ca.pem"
-    ca_file.write_bytes(ca.pem)
+    # Active: every PKCS#11 load in this process sees this store (its own
+    # SOFTHSM2_CONF), never the machine's own token directory.
+    folder = testing.TokenFolder.create(work, ca_name="mtls_engine test CA")
+    ca = folder.ca
     other = CA.create("some other CA")
     other_ca_file = work / "other-ca.pem"
     other_ca_file.write_bytes(other.pem)
-    server_cert, server_key = ca.issue_server_files(work, "localhost")
 
-    card1 = store.init_token("card1", pin=TEST_PIN)
+    c1 = folder.add_card("card1", [spec.kind for spec in CARD_KEYS.values()], pin=TEST_PIN,
+                         subject="card-holder {key}")  # fmt: skip
+    card1: Token = c1.token
     rsa_cert_file = work / "card1-rsa.pem"
-    for spec in CARD_KEYS.values():
-        pub = card1.generate_key(spec.kind, spec.label, spec.key_id)
-        cert = ca.issue(pub, f"card-holder {spec.label}")
-        card1.store_certificate(cert, spec.label, spec.key_id, work)
-        if spec.kind is KeyKind.RSA2048:
-            rsa_cert_file.write_bytes(cert.public_bytes(_softhsm.serialization.Encoding.PEM))
+    rsa_cert_file.write_bytes(c1.cert_file(KeyKind.RSA2048).read_bytes())
     # Two keys with one label: a URI naming that label is ambiguous.
     card1.generate_key(KeyKind.P256, "twin", "10")
     card1.generate_key(KeyKind.P256, "twin", "11")
     # A key whose certificate slot holds somebody else's certificate.
     card1.generate_key(KeyKind.P256, "wrongcert", "05")
-    rsa_cert = _softhsm.x509.load_pem_x509_certificate(rsa_cert_file.read_bytes())
-    card1.store_certificate(rsa_cert, "wrongcert", "05", work)
+    card1.store_certificate(c1.certificate(KeyKind.RSA2048), "wrongcert", "05", work)
 
     # RSA without PSS, as on many real cards.
     pub = card1.generate_rsa_without_pss("nopss", "09")
@@ -172,13 +165,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
     # Tokens for PIN tests (login state is per process and token) and for
     # URIs that match more than one token.
-    pintest = store.init_token("pintest", pin=TEST_PIN)
-    card2 = store.init_token("card2", pin=TEST_PIN)
-    for tok in (pintest, card2):
-        pub = tok.generate_key(KeyKind.P256, "ec256", "02")
-        tok.store_certificate(ca.issue(pub, f"card-holder {tok.label}"), "ec256", "02", work)
-    return Pki(work, store, ca, ca_file, other_ca_file, server_cert, server_key, card1, pintest, card2,
-               rsa_cert_file)  # fmt: skip
+    pintest = folder.add_card("pintest", [KeyKind.P256], pin=TEST_PIN).token
+    card2 = folder.add_card("card2", [KeyKind.P256], pin=TEST_PIN).token
+    yield Pki(folder.directory, cast(TokenStore, folder.store), ca, folder.ca_file, other_ca_file, folder.server_cert,
+              folder.server_key, card1, pintest, card2, rsa_cert_file, folder)  # fmt: skip
+    folder.close()
+
+
+# mtls_engine.testing's pytest plugin, on this session's token folder and
+# card1: SoftHSM2 reads its configuration, and sees the tokens, once per
+# process (and a token more would change what URIs like 'pkcs11:' match).
+@pytest.fixture(scope="session")
+def mtls_token_folder(pki: Pki) -> testing.TokenFolder:
+    return pki.folder
+
+
+@pytest.fixture(scope="session")
+def mtls_card(pki: Pki) -> testing.Card:
+    (card1,) = [card for card in pki.folder.cards if card.label == "card1"]
+    return card1
 
 
 @pytest.fixture(scope="session")
@@ -258,11 +263,11 @@ def shim_card(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> ShimCard:
         need(False, str(exc))
         raise
     work = tmp_path_factory.mktemp("shimcard")
-    store = TokenStore.create(work / "softhsm")
-    token = store.init_token("shimcard", pin=SHIM_PIN)
-    pub = token.generate_key(KeyKind.P256, "ec256", "02")
-    token.store_certificate(pki.ca.issue(pub, "card-holder shimcard"), "ec256", "02", work)
+    # Not active: only the processes given ShimCard.env use this store.
+    folder = testing.TokenFolder.create(work, ca=pki.ca, activate=False)
+    token: Token = folder.add_card("shimcard", [KeyKind.P256], pin=SHIM_PIN).token
     token.generate_key(KeyKind.P256, "other", "03")  # signs in place of ec256 with sign_with="other"
+    store = cast(TokenStore, folder.store)
     return ShimCard(shim, store, token)
 
 
