@@ -3,8 +3,10 @@ with a private key that stays on a smart card, HSM or PKCS#11 token."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AmbiguousUri,
@@ -69,16 +71,57 @@ def _imported_by_the_console_script() -> bool:
 _import_refusal: InterpreterSslError | None = None
 
 try:
+    # The interpreter checks run when _lib is imported; the rest of the
+    # package is imported on first use (__getattr__ below).
+    from . import _lib  # noqa: F401
+except InterpreterSslError as exc:
+    if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
+        raise
+    _import_refusal = exc
+
+# Public names imported on first use (PEP 562), so that ``import
+# mtls_engine`` loads neither cryptography, nor the server side, the CLI
+# or the integrations: a process that only attaches a card key never pays
+# for them.
+_LAZY = {
+    "CardKey": "_api",
+    "client_context": "_api",
+    "load_card_key": "_api",
+    "extract": "_inject",
+    "inject": "_inject",
+    "injected": "_inject",
+    "TokenInfo": "_p11",
+    "pin_source": "_pin",
+    "prompt_pin": "_pin",
+    "reconnect": "_reconnect",
+    "Rejection": "_server",
+    "describe_failure": "_server",
+    "load_crls": "_server",
+    "pin_of": "_server",
+    "server_context": "_server",
+}
+
+if TYPE_CHECKING:
     from ._api import CardKey, client_context, load_card_key
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo
     from ._pin import pin_source, prompt_pin
     from ._reconnect import reconnect
     from ._server import Rejection, describe_failure, load_crls, pin_of, server_context
-except InterpreterSslError as exc:
-    if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
-        raise
-    _import_refusal = exc
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
