@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AmbiguousUri,
@@ -101,7 +100,10 @@ _LAZY = {
     "server_context": "_server",
 }
 
+TYPE_CHECKING = False  # typing is not imported at run time either (import cost)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._api import CardKey, client_context, load_card_key
     from ._inject import extract, inject, injected
     from ._p11 import TokenInfo

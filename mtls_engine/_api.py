@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Union
 
 from . import _backends
 from ._context import options_lock, ssl_ctx_pointer
@@ -22,21 +19,27 @@ from ._errors import (
     UriError,
 )
 from ._lib import consume_errors, ffi, lib
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
 from ._reconnect import Card
+from ._record import dataclass, field
 from ._uri import ParsedUri, parse
 
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Union
+
     from cryptography import x509
+
+    # Where a client presents the card: host names / patterns, or a predicate.
+    PresentTo = Union[Iterable[str], Callable[[str], bool], None]
 
 __all__ = ["CardKey", "client_context", "load_card_key"]
 
 MODULE_ENV = "MTLS_ENGINE_MODULE"
-log = logging.getLogger("mtls_engine")
 
-# Where a client presents the card: host names / patterns, or a predicate.
-PresentTo = Union[Iterable[str], Callable[[str], bool], None]
 
 # PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _restrict_to_pkcs1).
 _PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"

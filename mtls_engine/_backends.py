@@ -8,21 +8,23 @@ pkcs11-provider (OpenSSL >= 3.0.7, and the only way on OpenSSL 4).
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import shutil
-import tempfile
-from typing import Any
 
 from . import _fork
 from ._config import provider_section
 from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
 from ._lib import BINDING_PATH, consume_errors, ffi, lib, text
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
-from ._packages import Package, elf_package_note, upstream_version
 from ._uri import format_uri
 
-log = logging.getLogger("mtls_engine")
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._packages import Package
+
 
 BACKENDS = ("engine", "provider")
 
@@ -115,6 +117,8 @@ def _noted_package(path: str) -> Package | None:
 
 @functools.lru_cache(maxsize=8)
 def _noted_package_of(path: str, mtime: int, size: int) -> Package | None:
+    from ._packages import Package, elf_package_note, upstream_version  # the provider's only
+
     note = elf_package_note(path)
     if note is None:
         return None
@@ -267,6 +271,9 @@ class _EngineBackend:
                 raise BackendUnavailable(f"cannot load libp11's engine {path}: {_dl_error()}")
             self._libraries.append(library)
             return library, None
+        import shutil  # a second instance only (after a lost token)
+        import tempfile
+
         copy_dir = None
         try:
             copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
@@ -302,6 +309,8 @@ class _EngineBackend:
                                      int(module.isolated))  # fmt: skip
         finally:
             if copy_dir is not None:
+                import shutil
+
                 shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
         if e == ffi.NULL:
             errors = consume_errors()

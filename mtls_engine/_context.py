@@ -15,11 +15,15 @@ free-threaded builds are refused there before anything is read.
 from __future__ import annotations
 
 import ssl
-from typing import Any
 
 from ._errors import InterpreterSslError, NotAnSSLContext
 from ._fork import ForkSafeLock
 from ._lib import OBJECT_HEADER_SIZE, ffi, lib
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Never touched by mtls_engine otherwise, harmless on any context, and
 # settable and clearable through the Python API: the probe bit we flip.

@@ -16,14 +16,19 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Callable
-from typing import Union
 
 from ._errors import PinError, PinRequired
 from ._fork import ForkSafeLock
 from ._p11 import TokenInfo
 from ._uri import ParsedUri
 
-PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, None]], None]
+TYPE_CHECKING = False  # typing is never imported at run time (import cost)
+if TYPE_CHECKING:
+    from typing import Union
+
+    PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, None]], None]
+else:
+    PinArg = "str | bytes | Callable[[TokenInfo], str | bytes | None] | None"  # only annotations name it
 
 
 class PinMemory:

@@ -40,14 +40,12 @@ does it:
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import os
 import ssl
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from . import _backends
 from ._errors import (
@@ -62,13 +60,18 @@ from ._errors import (
 )
 from ._fork import ForkSafeLock, in_child
 from ._lib import consume_errors, ffi, lib, text
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY
 from ._uri import ParsedUri
 
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["RETRY_INTERVAL", "Card", "reconnect"]
 
-log = logging.getLogger("mtls_engine")
 
 # The least time between two attempts to reach a lost token from handshakes
 # (reconnect() is not limited).  Short, because an attempt against a token

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any
 
 from ._errors import UriError
 from ._lib import ffi, lib
+from ._record import dataclass
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Path and query attribute names p11-kit understands (RFC 7512 + p11-kit's).
 _PATH_ATTRS = {
