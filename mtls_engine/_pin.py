@@ -8,7 +8,6 @@ logged a token in: a forked child logs in again only with that PIN.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import hmac
 import os
@@ -99,6 +98,8 @@ def prompt_pin(token: TokenInfo) -> bytes:
             f"{token} needs a PIN and there is no terminal to ask on; give it with "
             "--pin-source env:VAR or file:PATH (Python: pin=mtls_engine.pin_source(...))"
         )
+    import getpass  # only here (import cost)
+
     pin = getpass.getpass(f"PIN for {token}: ")
     if not pin:
         raise PinRequired(f"no PIN was entered for {token}")
