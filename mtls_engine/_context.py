@@ -74,9 +74,10 @@ def ssl_ctx_pointer(ctx: object, *, header_size: int | None = None) -> Any:
     return candidate
 
 
-# The options as _ssl itself gets and sets them (plain ints): ssl.SSLContext's
+# The options as _ssl itself reads them (a plain int): ssl.SSLContext's
 # property wraps them in ssl.Options, whose first unnamed combinations cost
-# milliseconds to make (a cold start's validation made several).
+# milliseconds to make (a cold start's validation made several).  They are
+# set through the context's own property, with plain ints.
 _OPTIONS: Any = vars(_ssl._SSLContext)["options"]  # the getset descriptor
 
 
@@ -97,10 +98,10 @@ def _validate(ctx: ssl.SSLContext, candidate: Any) -> None:
     # a stale or foreign pointer cannot follow both flips.
     original = _options(ctx)
     try:
-        _OPTIONS.__set__(ctx, original ^ _PROBE_OPTION)
+        ctx.options = original ^ _PROBE_OPTION  # type: ignore[assignment]
         flipped = _options_match(ctx, candidate)
     finally:
-        _OPTIONS.__set__(ctx, original)
+        ctx.options = original  # type: ignore[assignment]
     if not flipped or not _options_match(ctx, candidate):
         _refuse("a change of SSLContext.options was not seen through the pointer")
 
