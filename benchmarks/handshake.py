@@ -2309,7 +2309,10 @@ def run_ratios(args: argparse.Namespace) -> int:
             result["server"] = " ".join(Path(c).name if c.startswith("/") else c for c in server.command[:2])
             result["ratios"] = ratio_cycles(setup, server, cycles, args.batch, log)
             if args.callgrind:
-                result["callgrind"] = callgrind_counts(setup, server, (5, 10) if quick else (10, 40), log)
+                counts = (
+                    (5, 5 + args.callgrind_handshakes) if args.callgrind_handshakes else (5, 10) if quick else (10, 40)
+                )
+                result["callgrind"] = callgrind_counts(setup, server, counts, log)
             result["cold"] = cold_full(setup, server, args.cold_repeats or (2 if quick else 15), log)
             result["imports"] = [import_breakdown(setup, server, b, 1 if quick else 7) for b in setup.backends[:1]]
         finally:
@@ -2343,6 +2346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, help="--ratios: cycles of batches (default 150; quick 4)")
     parser.add_argument("--batch", type=int, default=10, help="--ratios: handshakes per batch (default 10)")
     parser.add_argument("--cold-repeats", type=int, help="--ratios: cold starts per key source (default 15)")
+    parser.add_argument("--callgrind-handshakes", type=int, help="--ratios: handshakes counted by callgrind (30)")
     parser.add_argument("--callgrind", action="store_true", help="--ratios: instructions per handshake (valgrind)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -6,12 +6,18 @@ certificate decoding of the process)."""
 from __future__ import annotations
 
 import json
+import socket
+import sys
+from types import FrameType
+from typing import Any
 
+import mtls_engine
 from mtls_engine._backends import provider_status
 from mtls_engine._softhsm import KeyKind
 
 from .conftest import Pki, need
 from .helpers import run_python
+from .servers import echo_server, server_context, talk
 
 IMPORT_ONLY = """
 import json, sys
@@ -111,3 +117,31 @@ def test_the_provider_stays_out_of_the_default_library_context(pki: Pki) -> None
         "default": False,
         "own": True,
     }
+
+
+def test_a_successful_card_handshake_runs_no_python_of_mtls_engine_but_its_wrapper(pki: Pki, backend: str) -> None:
+    """The success path of a card-key handshake is the token's signature and
+    nothing else: the C callbacks note a failure; mtls_engine's Python runs
+    only when one happened.  Per handshake: the socket class's do_handshake
+    (which empties the error queue), and no other function of mtls_engine."""
+    ctx = mtls_engine.client_context(
+        key=pki.key_uri(KeyKind.P256), cafile=pki.ca_file, module=pki.module, pin=pki.card1.pin, backend=backend
+    )
+    calls: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and "mtls_engine" in frame.f_code.co_filename:
+            calls.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+
+    with echo_server(server_context(pki.server_cert, pki.server_key, pki.ca_file)) as srv:
+        assert talk(ctx, srv.port)["subject"] == "commonName=card-holder ec256"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as raw:
+            sys.setprofile(profile)  # this thread only: the server's thread is not watched
+            try:
+                tls = ctx.wrap_socket(raw, server_hostname="localhost")
+            finally:
+                sys.setprofile(None)
+            with tls:
+                tls.sendall(b"hello")
+                assert tls.recv(4096)
+    assert calls == ["_reconnect.py:do_handshake"]
