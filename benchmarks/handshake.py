@@ -34,6 +34,18 @@ docs/benchmarks.md for the results and what they mean.
 
     python benchmarks/handshake.py [--quick] [--rounds N] [--server gnutls|openssl]
                                    [--output DIR] [--markdown FILE]
+    python benchmarks/handshake.py --ratios [--callgrind] [--cycles N] [--quick] ...
+
+``--ratios`` is the side-by-side run: one P-256 TLS 1.3 client process per
+variant -- the file key (a process without mtls_engine), a bare ctypes
+prototype (libp11's engine, the key set on the SSL_CTX, nothing else), the
+engine and provider backends, and the file key in the provider's process --
+doing 10-handshake batches in a new random order every cycle; per cycle the
+file key's time over each variant's (wall and CPU), medians over the cycles
+with bootstrap intervals; with ``--callgrind`` instructions per handshake;
+then cold starts from interpreter start to the first handshake and the
+imports of a card key's cold start.  Writes DIR/ratios.json and its block of
+docs/benchmarks.md (about 1 minute, 4 more with --callgrind).
 
 Writes DIR/handshake.json and DIR/handshake.png (matplotlib, optional) --
 ``handshake-quick.*`` with ``--quick`` -- (DIR: benchmarks/results) and the
