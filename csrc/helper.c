@@ -1085,16 +1085,6 @@ static int mtls_apply_config(OSSL_LIB_CTX *libctx, const char *text, long *error
     return ok;
 }
 
-/* Make sure the providers a plain OpenSSL would use (the configured ones,
-   or the built-in default) are active before another provider is added:
-   OpenSSL only falls back to "default" while no provider has been loaded. */
-static void mtls_activate_fallbacks(void)
-{
-    EVP_MD *md = EVP_MD_fetch(NULL, "SHA256", NULL);
-    EVP_MD_free(md);
-    ERR_clear_error();
-}
-
 /* Load every private key the URI names through OSSL_STORE (the provider's
    "pkcs11" scheme).  Returns the key when exactly one was found; *count
    says how many there were.  Never prompts for a PIN: the provider may
@@ -1149,8 +1139,8 @@ static int mtls_provider_loaded(OSSL_LIB_CTX *libctx, const char *name)
     return OSSL_PROVIDER_available(libctx, name);
 }
 
-/* A library context of its own, for a new pkcs11-provider instance after
-   the token was lost (see _ProviderBackend). */
+/* A library context of its own, for each pkcs11-provider instance (see
+   _ProviderBackend). */
 static OSSL_LIB_CTX *mtls_libctx_new(void)
 {
     return OSSL_LIB_CTX_new();
@@ -1163,9 +1153,9 @@ static OSSL_LIB_CTX *mtls_libctx_new(void)
    logs every session out.  Doing it here, before mtls_engine logs in
    again, keeps that from happening later under a handshake.  Touches no
    key and needs no login.  1 when the store opened. */
-static int mtls_provider_wake(void)
+static int mtls_provider_wake(OSSL_LIB_CTX *libctx)
 {
-    OSSL_STORE_CTX *store = OSSL_STORE_open_ex("pkcs11:", NULL, NULL, mtls_pin_ui(), NULL, NULL, NULL, NULL);
+    OSSL_STORE_CTX *store = OSSL_STORE_open_ex("pkcs11:", libctx, NULL, mtls_pin_ui(), NULL, NULL, NULL, NULL);
     if (store == NULL)
         return 0;
     OSSL_STORE_close(store);
@@ -1238,8 +1228,6 @@ static int mtls_apply_config(OSSL_LIB_CTX *libctx, const char *text, long *error
     return 0;
 }
 
-static void mtls_activate_fallbacks(void) {}
-
 static EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *libctx, const char *uri, const char *pin, int pin_len,
                                              int first, int *count)
 {
@@ -1259,8 +1247,9 @@ static int mtls_provider_loaded(OSSL_LIB_CTX *libctx, const char *name)
     return 0;
 }
 
-static int mtls_provider_wake(void)
+static int mtls_provider_wake(OSSL_LIB_CTX *libctx)
 {
+    (void)libctx;
     return 0;
 }
 
@@ -1346,8 +1335,27 @@ struct mtls_card {
     int lost;               /* a signature failed: reconnect before the next one */
     unsigned long failures; /* handshakes the card failed (its signature, or reconnecting) */
     unsigned long err;      /* the first OpenSSL error code of the last failed signature */
+    unsigned long generation; /* keys set after reconnections so far */
     EVP_PKEY *pkey;         /* the key after a reconnection; NULL: the context's own */
 };
+
+/* The card that failed the handshake this thread is running, and its
+   generation then: a handshake runs in the thread that calls
+   SSL_do_handshake, and its failure returns to that caller before this
+   thread runs anything else.  So a handshake that succeeds costs Python
+   nothing: only a failed one asks (mtls_card_take_failure) whether its
+   card was why.  Reset when a handshake starts, so a failure nobody asked
+   about (a post-handshake signature) is not blamed on a later handshake. */
+static __thread struct mtls_card *mtls_failed_card;
+static __thread unsigned long mtls_failed_generation;
+
+/* With the card's lock held: it failed this thread's handshake. */
+static void mtls_card_failed_here(struct mtls_card *card)
+{
+    card->failures++;
+    mtls_failed_card = card;
+    mtls_failed_generation = card->generation;
+}
 
 /* Per SSL_CTX: the Python-side id of its hooks, and what was there before. */
 struct mtls_ctx_hooks {
@@ -1529,7 +1537,7 @@ static void mtls_card_check_alert(const SSL *ssl, struct mtls_card *card, int wh
     if (!CRYPTO_THREAD_write_lock(card->lock))
         return;
     card->lost = 1;
-    card->failures++;
+    mtls_card_failed_here(card);
     card->err = ERR_peek_error();
     CRYPTO_THREAD_unlock(card->lock);
 }
@@ -1545,6 +1553,8 @@ static void mtls_info_cb(const SSL *ssl, int where, int ret)
     hooks = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), mtls_ctx_idx);
     if (hooks == NULL)
         return;
+    if (where & SSL_CB_HANDSHAKE_START)
+        mtls_failed_card = NULL;
     mtls_card_check_alert(ssl, __atomic_load_n(&hooks->card, __ATOMIC_ACQUIRE), where, ret);
     if (!SSL_is_server((SSL *)ssl) || !hooks->peer)
         return;
@@ -1628,7 +1638,7 @@ static int mtls_card_cert(SSL *ssl, struct mtls_card *card)
     CRYPTO_THREAD_unlock(card->lock);
     if (lost && !mtls_py_recover(card->id)) {
         if (CRYPTO_THREAD_write_lock(card->lock)) {
-            card->failures++;
+            mtls_card_failed_here(card);
             CRYPTO_THREAD_unlock(card->lock);
         }
         return 0;
@@ -1896,6 +1906,7 @@ static int mtls_card_set_key(struct mtls_card *card, EVP_PKEY *pkey)
     old = card->pkey;
     card->pkey = pkey;
     card->lost = 0;
+    card->generation++;
     CRYPTO_THREAD_unlock(card->lock);
     /* Connections that already took the old key hold their own reference. */
     EVP_PKEY_free(old);
@@ -1917,6 +1928,27 @@ static unsigned long mtls_card_state(struct mtls_card *card, int lost, unsigned 
         *err = card->err;
     CRYPTO_THREAD_unlock(card->lock);
     return state;
+}
+
+/* After a handshake on this thread failed: 0 when `card` was not why,
+   else 1 + the card's generation (reconnections) when it failed it.
+   Forgets that failure either way. */
+static unsigned long mtls_card_take_failure(struct mtls_card *card)
+{
+    unsigned long answer = mtls_failed_card == card && card != NULL ? mtls_failed_generation + 1 : 0;
+    mtls_failed_card = NULL;
+    return answer;
+}
+
+/* How many times the card's key was replaced after a reconnection. */
+static unsigned long mtls_card_generation(struct mtls_card *card)
+{
+    unsigned long generation = 0;
+    if (!CRYPTO_THREAD_read_lock(card->lock))
+        return 0;
+    generation = card->generation;
+    CRYPTO_THREAD_unlock(card->lock);
+    return generation;
 }
 
 /* The key the card signs with now (a new reference), or NULL when it is

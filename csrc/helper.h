@@ -33,11 +33,10 @@ int mtls_engine_listed(const char *);
 
 /* Provider backend (stubs returning 0/NULL before OpenSSL 3) */
 int mtls_apply_config(OSSL_LIB_CTX *, const char *, long *);
-void mtls_activate_fallbacks(void);
 EVP_PKEY *mtls_store_load_private_key(OSSL_LIB_CTX *, const char *, const char *, int, int, int *);
 int mtls_provider_loaded(OSSL_LIB_CTX *, const char *);
 OSSL_LIB_CTX *mtls_libctx_new(void);
-int mtls_provider_wake(void);
+int mtls_provider_wake(OSSL_LIB_CTX *);
 int mtls_provider_describe(const char *, char *, size_t, char *, size_t, char *, size_t);
 
 /* check: the OpenSSL the extension was compiled with */
@@ -79,3 +78,5 @@ int mtls_attach_card(SSL_CTX *, struct mtls_card *);
 int mtls_card_set_key(struct mtls_card *, EVP_PKEY *);
 unsigned long mtls_card_state(struct mtls_card *, int, unsigned long *);
 EVP_PKEY *mtls_card_key(struct mtls_card *);
+unsigned long mtls_card_take_failure(struct mtls_card *);
+unsigned long mtls_card_generation(struct mtls_card *);

@@ -1,6 +1,7 @@
 /* cdefs: the libssl/libcrypto subset mtls_engine calls (OpenSSL >= 3.0). */
 typedef ... SSL_CTX;
 typedef ... X509;
+typedef ... ASN1_TIME;
 typedef ... EVP_PKEY;
 typedef ... BIO;
 typedef ... ENGINE;
@@ -49,6 +50,8 @@ int SSL_CTX_set1_client_sigalgs_list(SSL_CTX *, const char *);
 X509 *d2i_X509(X509 **, const unsigned char **, long);
 void X509_free(X509 *);
 int X509_check_private_key(const X509 *, const EVP_PKEY *);
+const ASN1_TIME *X509_get0_notAfter(const X509 *);
+int ASN1_TIME_compare(const ASN1_TIME *, const ASN1_TIME *);
 void EVP_PKEY_free(EVP_PKEY *);
 EVP_PKEY *d2i_PUBKEY(EVP_PKEY **, const unsigned char **, long);
 int EVP_PKEY_get_id(const EVP_PKEY *);

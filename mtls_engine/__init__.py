@@ -3,6 +3,7 @@ with a private key that stays on a smart card, HSM or PKCS#11 token."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -73,9 +74,43 @@ def _imported_by_the_console_script() -> bool:
 _import_refusal: InterpreterSslError | None = None
 
 try:
-    # First: the interpreter checks (before anything else is imported, so a
-    # refused interpreter hears why, not that some dependency is missing).
+    # The interpreter checks run when _lib is imported; the rest of the
+    # package is imported on first use (__getattr__ below).
     from . import _lib  # noqa: F401
+except InterpreterSslError as exc:
+    if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
+        raise
+    _import_refusal = exc
+
+# Public names imported on first use (PEP 562), so that ``import
+# mtls_engine`` loads neither cryptography, nor the server side, the CLI
+# or the integrations: a process that only attaches a card key never pays
+# for them.
+_LAZY = {
+    "CardKey": "_api",
+    "client_identity": "_identity",
+    "require_client_auth": "_identity",
+    "protect_process": "_protect",
+    "client_context": "_api",
+    "load_card_key": "_api",
+    "extract": "_inject",
+    "inject": "_inject",
+    "injected": "_inject",
+    "TokenInfo": "_p11",
+    "pin_source": "_pin",
+    "prompt_pin": "_pin",
+    "reconnect": "_reconnect",
+    "Rejection": "_server",
+    "describe_failure": "_server",
+    "load_crls": "_server",
+    "pin_of": "_server",
+    "server_context": "_server",
+}
+
+TYPE_CHECKING = False  # typing is not imported at run time either (import cost)
+if TYPE_CHECKING:
+    from typing import Any
+
     from ._api import CardKey, client_context, load_card_key
     from ._identity import client_identity, require_client_auth
     from ._inject import extract, inject, injected
@@ -84,10 +119,22 @@ try:
     from ._protect import protect_process
     from ._reconnect import reconnect
     from ._server import Rejection, describe_failure, load_crls, pin_of, server_context
-except InterpreterSslError as exc:
-    if not (_located_by_runpy_as_command() or _imported_by_the_console_script()):
-        raise
-    _import_refusal = exc
+
+
+def __getattr__(name: str) -> Any:
+    """A public name of ``_LAZY``, imported on first use (then kept)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazy ones included."""
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

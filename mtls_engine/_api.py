@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Union
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from functools import cached_property
 
 from . import _backends
 from ._context import options_lock, ssl_ctx_pointer
@@ -24,20 +19,29 @@ from ._errors import (
     UriError,
 )
 from ._lib import consume_errors, ffi, lib
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY, PinArg, pin_getter
 from ._protect import protect_if_asked
 from ._reconnect import Card
+from ._record import dataclass, field
 from ._secret import wipe
 from ._uri import ParsedUri, parse
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Union
+
+    from cryptography import x509
+
+    # Where a client presents the card: host names / patterns, or a predicate.
+    PresentTo = Union[Iterable[str], Callable[[str], bool], None]
 
 __all__ = ["CardKey", "client_context", "load_card_key"]
 
 MODULE_ENV = "MTLS_ENGINE_MODULE"
-log = logging.getLogger("mtls_engine")
 
-# Where a client presents the card: host names / patterns, or a predicate.
-PresentTo = Union[Iterable[str], Callable[[str], bool], None]
 
 # PKCS#1 v1.5 only, for RSA keys on tokens without RSA-PSS (see _restrict_to_pkcs1).
 _PKCS1_SIGALGS = b"RSA+SHA256:RSA+SHA384:RSA+SHA512"
@@ -59,8 +63,15 @@ class CardKey:
     key_label: str
     key_id: bytes
     key_type: str
-    certificate: x509.Certificate = field(repr=False)
+    certificate_der: bytes = field(repr=False)
     notes: tuple[str, ...] = ()
+
+    @cached_property
+    def certificate(self) -> x509.Certificate:
+        """The leaf certificate (cryptography is imported on first use)."""
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(self.certificate_der)
 
     @property
     def subject(self) -> str:
@@ -82,6 +93,9 @@ def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
 
 
 def _read_cert_file(path: str) -> list[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -160,8 +174,8 @@ def pick_leaf(
     readable = []
     for der in candidates:
         try:
-            readable.append((der, x509.load_der_x509_certificate(der), _x509(der)))
-        except (ValueError, CertificateError):
+            readable.append((der, _x509(der)))
+        except CertificateError:
             continue
     unreadable = len(candidates) - len(readable)
     if not readable:
@@ -170,9 +184,11 @@ def pick_leaf(
             "X.509 certificate; write the key's certificate to the token again (pkcs11-tool --write-object "
             "CERT.der --type cert --id ID) or pass cert= a PEM file"
         )
-    matching = [(der, py, cert) for der, py, cert in readable if _matches(cert, pkey)]
+    matching = [(der, cert) for der, cert in readable if _matches(cert, pkey)]
     if not matching:
-        subjects = ", ".join(py.subject.rfc4514_string() for _, py, _ in readable)
+        from cryptography import x509
+
+        subjects = ", ".join(_subject(x509, der) for der, _ in readable)
         extra = f"; {unreadable} more could not be read" if unreadable else ""
         raise CertKeyMismatch(
             f"the certificate ({searched}: {subjects}{extra}) does not belong to the private key "
@@ -181,8 +197,18 @@ def pick_leaf(
         )
     # Several certificates for the same key (typically a renewal): take the
     # one valid longest, which is what a user renewing expects.
-    der, _, cert = max(matching, key=lambda m: m[1].not_valid_after_utc)
+    der, cert = matching[0]
+    for other_der, other in matching[1:]:
+        if lib.ASN1_TIME_compare(lib.X509_get0_notAfter(other), lib.X509_get0_notAfter(cert)) > 0:
+            der, cert = other_der, other
     return der, cert
+
+
+def _subject(x509: Any, der: bytes) -> str:
+    try:
+        return str(x509.load_der_x509_certificate(der).subject.rfc4514_string())
+    except ValueError:
+        return "(a certificate cryptography cannot read)"
 
 
 def load_card_key(
@@ -278,7 +304,7 @@ def resolve_card_key(
         key_label=key_obj.label,
         key_id=key_obj.id,
         key_type=_key_type_name(pkey),
-        certificate=x509.load_der_x509_certificate(leaf_der),
+        certificate_der=leaf_der,
         notes=notes,
     )
     card = Card(module=mod, key_uri=key_uri, token=token, key=key_obj, leaf=leaf, backend=chosen,

@@ -8,21 +8,23 @@ pkcs11-provider (OpenSSL >= 3.0.7, and the only way on OpenSSL 4).
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import shutil
-import tempfile
-from typing import Any
 
 from . import _fork
 from ._config import provider_section
 from ._errors import AmbiguousUri, BackendUnavailable, ObjectNotFound
 from ._lib import BINDING_PATH, consume_errors, ffi, lib, text
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
-from ._packages import Package, elf_package_note, upstream_version
 from ._uri import format_uri
 
-log = logging.getLogger("mtls_engine")
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._packages import Package
+
 
 BACKENDS = ("engine", "provider")
 
@@ -115,6 +117,8 @@ def _noted_package(path: str) -> Package | None:
 
 @functools.lru_cache(maxsize=8)
 def _noted_package_of(path: str, mtime: int, size: int) -> Package | None:
+    from ._packages import Package, elf_package_note, upstream_version  # the provider's only
+
     note = elf_package_note(path)
     if note is None:
         return None
@@ -271,6 +275,9 @@ class _EngineBackend:
                 raise BackendUnavailable(f"cannot load libp11's engine {path}: {_dl_error()}")
             self._libraries.append(library)
             return library, None
+        import shutil  # a second instance only (after a lost token)
+        import tempfile
+
         copy_dir = None
         try:
             copy_dir = tempfile.mkdtemp(prefix="mtls_engine-")
@@ -306,6 +313,8 @@ class _EngineBackend:
                                      int(module.isolated))  # fmt: skip
         finally:
             if copy_dir is not None:
+                import shutil
+
                 shutil.rmtree(copy_dir, ignore_errors=True)  # loaded: the file is no longer needed
         if e == ffi.NULL:
             errors = consume_errors()
@@ -414,21 +423,21 @@ def _pin_buffer(pin: bytearray | None) -> Any:
 
 
 class _ProviderBackend:
-    """pkcs11-provider, loaded once into OpenSSL's default library context
-    (where CPython's SSL_CTXs live) under its own name, for one PKCS#11
-    module.  pkcs11-provider does not say which module an instance serves,
-    and every instance answers the same ``pkcs11:`` scheme (and declares
-    the same ``provider=pkcs11`` property), so one process can serve
-    exactly one module this way.
+    """pkcs11-provider for one PKCS#11 module, each instance loaded under
+    its own name into a library context of its own, never into OpenSSL's
+    default one (where CPython's SSL_CTXs live): there, its decoders and
+    store would take part in every certificate decoding of the process,
+    file keys' handshakes included.  The key still signs for contexts of
+    the default library context (OpenSSL fetches the signature from the
+    key's own provider).  One module per process, as before: every
+    instance answers the same ``pkcs11:`` scheme.
 
     After the token was lost, ``fresh=True`` loads a new instance for the
-    same module, in a library context of its own: pkcs11-provider 1.0
+    same module, in a new library context: pkcs11-provider 1.0
     re-initialises its module only after a fork, so a connection that broke
     (a p11-kit server restarted) is never re-opened by the old instance, and
     only a separate library context lets a key be loaded from the new
-    instance and not the old one.  The key still signs for contexts of the
-    default library context (OpenSSL fetches the signature from the key's
-    own provider).  Older instances stay loaded, unlike the engine's: every
+    instance and not the old one.  Older instances stay loaded, unlike the engine's: every
     time OpenSSL compares the key with a certificate (X509_check_private_key,
     and SSL_use_PrivateKey at each handshake) it imports the certificate's
     public key into the key's provider and keeps that copy in the
@@ -454,6 +463,11 @@ class _ProviderBackend:
     def module(self) -> str | None:
         return self._module
 
+    @property
+    def libctx(self) -> Any:
+        """The library context of the current instance (NULL before one)."""
+        return self._libctx
+
     def activate(self, module: Module, *, fresh: bool = False) -> None:
         """Load pkcs11-provider for ``module`` (a new instance when ``fresh``)."""
         with self._lock:
@@ -469,26 +483,23 @@ class _ProviderBackend:
             if not ok:
                 raise BackendUnavailable(path)
             _guard_pin_prompts()
-            if self._module is None:
-                libctx = ffi.NULL
-                # Keep the providers OpenSSL would use anyway (configured or
-                # the built-in default) active: adding a provider before any
-                # was used would switch the automatic default off.
-                lib.mtls_activate_fallbacks()
-                extra: list[str] = []
-            else:
-                libctx = lib.mtls_libctx_new()
-                if libctx == ffi.NULL:
-                    raise BackendUnavailable("OpenSSL cannot create a library context for a new pkcs11-provider")
-                # pkcs11-provider digests and decodes through its own library
-                # context: OpenSSL's default provider must be there too.
-                extra = ["default = mtls_engine_default", ""]
+            # Every instance in a library context of its own, the first one
+            # too: in OpenSSL's default one (where CPython's SSL_CTXs live)
+            # pkcs11-provider's decoders and store would be consulted by
+            # every certificate decoding of the process, file keys' included
+            # (measured: about 1 M instructions more per handshake).
+            libctx = lib.mtls_libctx_new()
+            if libctx == ffi.NULL:
+                raise BackendUnavailable("OpenSSL cannot create a library context for pkcs11-provider")
             text_ = "\n".join(
                 ["openssl_conf = mtls_engine_init", "",
                  "[mtls_engine_init]", "providers = mtls_engine_providers", "",
-                 "[mtls_engine_providers]", f"{self.NAME} = mtls_engine_provider", *extra, "",
-                 *provider_section("mtls_engine_provider", path, module.path),
-                 *(["", "[mtls_engine_default]", "activate = 1"] if extra else [])]
+                 # pkcs11-provider digests and decodes through its own library
+                 # context: OpenSSL's default provider must be there too.
+                 "[mtls_engine_providers]", f"{self.NAME} = mtls_engine_provider",
+                 "default = mtls_engine_default", "",
+                 *provider_section("mtls_engine_provider", path, module.path), "",
+                 "[mtls_engine_default]", "activate = 1"]
             )  # fmt: skip
             line = ffi.new("long *")
             lib.ERR_clear_error()
@@ -572,7 +583,7 @@ def _after_fork() -> None:
     module at its first call, so make that call now; then every module
     initialises for this process and its tokens log in again."""
     by_provider = PROVIDER.module
-    woke = by_provider is None or lib.mtls_provider_wake()
+    woke = by_provider is None or lib.mtls_provider_wake(PROVIDER.libctx)
     errors = consume_errors()
     if not woke:
         log.warning("after fork (pid %d): pkcs11-provider did not answer: %s", os.getpid(),

@@ -14,17 +14,22 @@ free-threaded builds are refused there before anything is read.
 
 from __future__ import annotations
 
+import _ssl
 import ssl
-from typing import Any
 
 from . import _lib
 from ._errors import InterpreterSslError, NotAnSSLContext
 from ._fork import ForkSafeLock
 from ._lib import OBJECT_HEADER_SIZE, ffi, lib
 
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 # Never touched by mtls_engine otherwise, harmless on any context, and
 # settable and clearable through the Python API: the probe bit we flip.
-_PROBE_OPTION = ssl.OP_NO_TICKET
+_PROBE_OPTION = int(ssl.OP_NO_TICKET)
 
 _VERIFY_MODES = {
     ssl.CERT_NONE: 0,
@@ -51,8 +56,6 @@ def ssl_ctx_pointer(ctx: object, *, header_size: int | None = None) -> Any:
     InterpreterSslError when the pointer cannot be proven to be this
     context's.  ``header_size`` exists only for tests of the refusal path.
     """
-    import _ssl
-
     if not isinstance(ctx, _ssl._SSLContext):
         raise NotAnSSLContext(
             f"expected an ssl.SSLContext, got {type(ctx).__module__}.{type(ctx).__qualname__}; "
@@ -75,8 +78,19 @@ def ssl_ctx_pointer(ctx: object, *, header_size: int | None = None) -> Any:
     return candidate
 
 
+# The options as _ssl itself reads them (a plain int): ssl.SSLContext's
+# property wraps them in ssl.Options, whose first unnamed combinations cost
+# milliseconds to make (a cold start's validation made several).  They are
+# set through the context's own property, with plain ints.
+_OPTIONS: Any = vars(_ssl._SSLContext)["options"]  # the getset descriptor
+
+
+def _options(ctx: ssl.SSLContext) -> int:
+    return int(_OPTIONS.__get__(ctx, type(ctx)))
+
+
 def _options_match(ctx: ssl.SSLContext, candidate: Any) -> bool:
-    return int(lib.SSL_CTX_get_options(candidate)) == int(ctx.options)
+    return int(lib.SSL_CTX_get_options(candidate)) == _options(ctx)
 
 
 def _validate(ctx: ssl.SSLContext, candidate: Any) -> None:
@@ -86,12 +100,12 @@ def _validate(ctx: ssl.SSLContext, candidate: Any) -> None:
         _refuse("verify mode read through the pointer differs from SSLContext.verify_mode")
     # Change state through Python and watch it change through the pointer:
     # a stale or foreign pointer cannot follow both flips.
-    original = ctx.options
+    original = _options(ctx)
     try:
-        ctx.options = original ^ _PROBE_OPTION
+        ctx.options = original ^ _PROBE_OPTION  # type: ignore[assignment]
         flipped = _options_match(ctx, candidate)
     finally:
-        ctx.options = original
+        ctx.options = original  # type: ignore[assignment]
     if not flipped or not _options_match(ctx, candidate):
         _refuse("a change of SSLContext.options was not seen through the pointer")
 

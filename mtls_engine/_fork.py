@@ -20,14 +20,17 @@ raises into ``os.fork()``.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
 
-log = logging.getLogger("mtls_engine")
+from ._log import log
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class ForkSafeLock:

@@ -18,10 +18,14 @@ import ssl
 import struct
 import sys
 import sysconfig
-from dataclasses import dataclass
-from typing import Any
 
 from ._errors import InterpreterSslError, OpenSSLError
+from ._record import dataclass
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @dataclass(frozen=True)

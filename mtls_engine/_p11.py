@@ -18,8 +18,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
 
 from . import _kinds
 from ._errors import (
@@ -36,8 +34,14 @@ from ._errors import (
 )
 from ._fork import ForkSafeLock
 from ._lib import ffi, lib
+from ._record import dataclass
 from ._secret import wipe
 from ._uri import ParsedUri
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 CKR_NAMES = {
     0x000: "CKR_OK",

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import subprocess
-from dataclasses import dataclass
+
+from ._record import dataclass
 
 __all__ = ["Package", "elf_package_note", "package_of", "upstream_version"]
 
@@ -102,6 +101,10 @@ def _parse_notes(notes: bytes) -> dict[str, str] | None:
 
 
 def _dpkg(*args: str) -> str | None:
+    # Imported here: the backends read ELF notes on every key load, never dpkg.
+    import shutil
+    import subprocess
+
     tool = shutil.which("dpkg-query")
     if tool is None:
         return None

@@ -22,7 +22,6 @@ that cannot be wiped.  Core dumps of a card-holding process are stopped with
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import hmac
 import os
@@ -30,7 +29,6 @@ import re
 import sys
 import urllib.parse
 from collections.abc import Callable
-from typing import Union
 
 from ._errors import PinError, PinRequired
 from ._fork import ForkSafeLock
@@ -38,8 +36,15 @@ from ._p11 import TokenInfo
 from ._secret import utf8_into, wipe
 from ._uri import ParsedUri
 
-PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, bytearray, None]], None]
-Pin = Union[bytes, bytearray]
+TYPE_CHECKING = False  # typing is never imported at run time (import cost)
+if TYPE_CHECKING:
+    from typing import Union
+
+    PinArg = Union[str, bytes, Callable[[TokenInfo], Union[str, bytes, bytearray, None]], None]
+    Pin = Union[bytes, bytearray]
+else:
+    PinArg = "str | bytes | Callable[[TokenInfo], str | bytes | bytearray | None] | None"  # only annotations name it
+    Pin = "bytes | bytearray"
 
 _PIN_FILE_MAX = 4096
 _BLANK = frozenset(b" \t\r\n")
@@ -151,6 +156,8 @@ def prompt_pin(token: TokenInfo) -> bytearray:
             f"{token} needs a PIN and there is no terminal to ask on; give it with "
             "--pin-source env:VAR or file:PATH (Python: pin=mtls_engine.pin_source(...))"
         )
+    import getpass  # only here (import cost)
+
     pin = getpass.getpass(f"PIN for {token}: ")
     if not pin:
         raise PinRequired(f"no PIN was entered for {token}")

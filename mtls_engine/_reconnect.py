@@ -40,14 +40,12 @@ does it:
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import os
 import ssl
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from . import _backends
 from ._errors import (
@@ -62,14 +60,19 @@ from ._errors import (
 )
 from ._fork import ForkSafeLock, in_child
 from ._lib import consume_errors, ffi, lib, text
+from ._log import log
 from ._p11 import KeyObject, Module, TokenInfo
 from ._pin import MEMORY
 from ._secret import wipe
 from ._uri import ParsedUri
 
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["RETRY_INTERVAL", "Card", "reconnect"]
 
-log = logging.getLogger("mtls_engine")
 
 # The least time between two attempts to reach a lost token from handshakes
 # (reconnect() is not limited).  Short, because an attempt against a token
@@ -196,14 +199,14 @@ class Card:
                 consume_errors()
             return False
 
-    def explains(self, before: tuple[int, int]) -> bool:
-        """Whether this card is why a handshake failed, given
-        :meth:`snapshot` from before it; the card failed meanwhile."""
-        failures, reconnections = before
+    def explains_failure(self) -> bool:
+        """Whether this card is why the handshake that just failed on this
+        thread failed (the C callbacks noted that it failed it)."""
+        taken = int(lib.mtls_card_take_failure(self.c))
+        if not taken:
+            return False
         with self._lock:
-            if self.failures == failures:
-                return False
-            if self.reconnections != reconnections:
+            if int(lib.mtls_card_generation(self.c)) != taken - 1:
                 return True  # it was lost, and is back already
             if not self.lost:
                 return False  # a false alarm, cleared meanwhile
@@ -217,9 +220,6 @@ class Card:
             self.last_error = self.stopped = error
             self.stopped_in_child = self._confirmed = True
             self._state(lost=1)
-
-    def snapshot(self) -> tuple[int, int]:
-        return self.failures, self.reconnections
 
     def _confirm(self) -> bool:
         """With the lock held, the card marked lost: is the token really
@@ -404,31 +404,35 @@ def reconnect(ctx: ssl.SSLContext) -> None:
 class _NamedErrors:
     """Mixed into the context's SSLSocket / SSLObject classes: a handshake
     that failed because the card could not sign raises TokenUnavailable
-    instead of OpenSSL's bare "[SSL] EVP lib".  And every handshake step and
-    read starts with this thread's OpenSSL error queue empty: OpenSSL tells
-    "needs more bytes" or the peer's close_notify from a failure by that
-    queue, CPython does not empty it first, and pkcs11-provider 1.0 leaves
-    an error on whichever thread frees a certificate key it imported for a
-    comparison with the card key (mtls_engine/aio.py, _fresh)."""
+    instead of OpenSSL's bare "[SSL] EVP lib"; the C callbacks note that
+    failure, so a handshake that succeeds does nothing more here.  And every
+    handshake step and read starts with this thread's OpenSSL error queue
+    empty: OpenSSL tells "needs more bytes" or the peer's close_notify from
+    a failure by that queue, CPython does not empty it first, and
+    pkcs11-provider 1.0 leaves an error on whichever thread frees a
+    certificate key it imported for a comparison with the card key
+    (mtls_engine/aio.py, _fresh)."""
 
     __slots__ = ()
 
     def read(self, *args: Any, **kwargs: Any) -> Any:
-        lib.ERR_clear_error()
+        _clear_errors()
         return super().read(*args, **kwargs)  # type: ignore[misc]
 
     def do_handshake(self, *args: Any, **kwargs: Any) -> Any:
-        card = card_of(self.context)  # type: ignore[attr-defined]
-        before = card.snapshot() if card is not None else (0, 0)
-        lib.ERR_clear_error()
+        _clear_errors()
         try:
             return super().do_handshake(*args, **kwargs)  # type: ignore[misc]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLCertVerificationError):
             raise
         except ssl.SSLError as exc:
-            if card is not None and card.explains(before):
+            card = card_of(self.context)  # type: ignore[attr-defined]
+            if card is not None and card.explains_failure():
                 raise card.unavailable(exc) from exc
             raise
+
+
+_clear_errors = lib.ERR_clear_error
 
 
 _CLASSES: dict[type, type] = {}

@@ -11,12 +11,16 @@ import codecs
 import difflib
 import re
 import urllib.parse
-from dataclasses import dataclass, field
-from typing import Any
 
 from ._errors import PinError, UriError
 from ._lib import ffi, lib
+from ._record import dataclass, field
 from ._secret import utf8_into, wipe
+
+# Never imported at run time (import cost): annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Path and query attribute names p11-kit understands (RFC 7512 + p11-kit's).
 _PATH_ATTRS = {

@@ -131,3 +131,32 @@ def test_one_signature_and_nothing_else_per_handshake(
         for name in ("C_FindObjectsInit", "C_Login", "C_OpenSession", "C_Initialize"):
             assert per.get(name, 0) == 0, r
         assert r["ok"], r
+
+
+def test_the_side_by_side_run_measures_every_variant(tmp_path: Path) -> None:
+    """``--ratios --quick``: every variant (the bare prototype too) completes
+    its handshakes, the cold start reaches a handshake for every key source,
+    and a card key's cold start does not import cryptography.  No timing is
+    checked."""
+    missing = _softhsm.missing_tools()
+    need(not missing, f"SoftHSM2 test token needs: {', '.join(missing)}")
+    need(shutil.which("gnutls-serv") is not None, "gnutls-serv (Debian: gnutls-bin) is the benchmark's server")
+    need(shutil.which("cc") is not None, "a C compiler builds benchmarks/signrate.c")
+    backends = [b for b in BACKENDS if STATUS[b]()[0]]
+    need(bool(backends), "a card backend")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--ratios", "--quick", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ratios-quick.json").read_text())
+    expected = ["file", *(["prototype", "engine"] if "engine" in backends else [])]
+    expected += ["provider", "file@provider"] if "provider" in backends else []
+    rows = result["ratios"]["rows"]
+    assert sorted(r["variant"] for r in rows) == sorted(expected)
+    assert all(_number(r["wall_ratio"]) and _number(r["cpu_ratio"]) and r["rate"] > 0 for r in rows), rows
+    sources = {r["source"] for r in result["cold"]["rows"]}
+    assert sources == {"file", *backends, *(["prototype"] if "engine" in backends else [])}
+    assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in result["cold"]["rows"])
+    assert [i["cryptography_imported"] for i in result["imports"]] == [False]
+    assert "### Cold start" in (tmp_path / "ratios-quick.md").read_text()

@@ -160,7 +160,8 @@ FORK = (
     PUSH_ERRORS
     + """
 import json, os
-import mtls_engine  # installs the fork hook
+import mtls_engine
+mtls_engine.load_card_key  # loads the card-key machinery (on first use), and with it the fork hook
 
 lib.ERR_clear_error()
 push_errors(3)
