@@ -75,11 +75,17 @@ fi
 # symlinks to each other, and become the wrapper).
 ln -sf "$PYTHON" "$DIR/bin/python.real"
 # The wrapper: libasan first (then the RTLD_DEEPBIND filter) for this
-# Python only; the .pth below restores the caller's LD_PRELOAD.
+# Python only; the .pth below restores the caller's LD_PRELOAD.  libstdc++
+# is preloaded too: ASan looks up the real __cxa_throw when it starts, and a
+# C++ module loaded later (SoftHSM2) that throws would otherwise stop the
+# process with "CHECK failed: ... real___cxa_throw != 0" (seen in a
+# multiprocessing child).
+STDCXX=$("$CC" -print-file-name=libstdc++.so.6)
+if [ -e "$STDCXX" ]; then STDCXX=":$STDCXX"; else STDCXX=""; fi
 rm -f "$DIR/bin/python"
 cat >"$DIR/bin/python" <<EOF
 #!/bin/bash
-MTLS_ASAN_OUTER_PRELOAD="\${LD_PRELOAD-}" LD_PRELOAD="$DIR/strip_deepbind.so:$ASAN_LIB\${LD_PRELOAD:+:\$LD_PRELOAD}" \\
+MTLS_ASAN_OUTER_PRELOAD="\${LD_PRELOAD-}" LD_PRELOAD="$DIR/strip_deepbind.so:$ASAN_LIB$STDCXX\${LD_PRELOAD:+:\$LD_PRELOAD}" \\
   exec -a "\$0" "$DIR/bin/python.real" "\$@"
 EOF
 chmod +x "$DIR/bin/python"
@@ -125,6 +131,7 @@ cat >"$DIR/suppressions.asan" <<'EOF'
 interceptor_via_lib:p11-kit-client.so
 EOF
 rm -f "$REPORTS"/asan.* "$REPORTS"/ubsan.*
+export MTLS_SANITIZED=1  # tests skip only their resident-memory bounds (see the soak test above)
 export ASAN_OPTIONS="verify_asan_link_order=0:detect_leaks=0:log_path=$REPORTS/asan:suppressions=$DIR/suppressions.asan:halt_on_error=1:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan"
 echo "== pytest $* (sanitized build, reports in $REPORTS)"

@@ -310,7 +310,8 @@ def test_many_reconnections_keep_nothing_loaded_and_a_lost_token_still_fails_at_
     assert {k: end[k] for k in flat} == {k: warm[k] for k in flat}, (warm, end)
     # The first instance (the context holds its key) and the current one.
     assert end["engines_alive"] == end["engine_instances"] == end["slots_in_use"] == 2, end
-    assert end["rss"] - warm["rss"] < RSS_PER_RECONNECTION * (RECONNECTIONS - WARMUP), (warm, end)
+    if not os.environ.get("MTLS_SANITIZED"):  # ASan keeps freed memory in quarantine (ci/sanitize.sh)
+        assert end["rss"] - warm["rss"] < RSS_PER_RECONNECTION * (RECONNECTIONS - WARMUP), (warm, end)
 
 
 def test_no_server_at_load_says_to_start_it(remote: dict[str, str], tmp_path: Path) -> None:
