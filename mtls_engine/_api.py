@@ -18,7 +18,6 @@ from ._errors import (
     CertificateError,
     CertKeyMismatch,
     ConfigError,
-    ModuleLoadError,
     ObjectNotFound,
     OpenSSLError,
     UriError,
@@ -68,6 +67,9 @@ class CardKey:
 
 
 def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
+    """The module to use: the argument, else the URI's module-path, else
+    $MTLS_ENGINE_MODULE, else the p11-kit-registered module holding the
+    URI's token (ModuleLoadError, TokenNotFound, AmbiguousUri)."""
     if module is not None:
         return os.fspath(module)
     if uri.module_path:
@@ -75,10 +77,11 @@ def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
     env = os.environ.get(MODULE_ENV)
     if env:
         return env
-    raise ModuleLoadError(
-        f"no PKCS#11 module given; pass module='/path/to/pkcs11-module.so', set {MODULE_ENV}, "
-        "or add module-path=... to the key URI"
-    )
+    from ._registry import choose  # only when nothing names a module
+
+    found, _token = choose(uri)
+    log.debug("using %s, %s", found.path, found.origin)
+    return found.path
 
 
 def _read_cert_file(path: str) -> list[bytes]:

@@ -1,0 +1,227 @@
+"""The PKCS#11 modules registered with p11-kit, and the one a key URI picks.
+
+Used only when no module is given anywhere (argument, the URI's
+module-path, $MTLS_ENGINE_MODULE).  p11-kit's own API reads its registry and
+applies its configuration rules (user/system config, enable-in/disable-in);
+no file is parsed here.  Every registered module is loaded and initialised
+in this process: one that fails to load or initialise is skipped and
+reported, never fatal.  A module that hangs or crashes in C_Initialize is not
+isolated (see docs/tokens.md): it would do the same to any PKCS#11 consumer
+of the registry; give module= to bypass the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from . import _uri
+from ._errors import AmbiguousUri, ModuleLoadError, TokenNotFound
+from ._fork import ForkSafeLock
+from ._lib import ffi, lib
+from ._p11 import Module, TokenInfo
+from ._uri import ParsedUri, format_uri
+
+# Where p11-kit looks for .module files (its compiled-in defaults on Debian
+# and most distributions, user folder first); used only to say which file
+# registered a module and where to register one.
+USER_DIR = "~/.config/pkcs11/modules"
+SYSTEM_DIRS = ("/etc/pkcs11/modules", "/usr/share/p11-kit/modules")
+HOW_TO_REGISTER = (
+    "register your card's middleware with p11-kit: a one-line file such as "
+    "/etc/pkcs11/modules/mycard.module (or ~/.config/pkcs11/modules/mycard.module) containing "
+    "'module: /path/to/your-pkcs11-library.so'; or pass module= (--module), set $MTLS_ENGINE_MODULE, "
+    "or add module-path=... to the key URI"
+)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One module p11-kit's registry names (loaded or not)."""
+
+    name: str  # the .module file's name without its extension
+    path: str  # the library, as p11-kit resolved it
+    file: str | None  # the .module file, when found in the usual folders
+    module: Module | None = field(default=None, repr=False, compare=False)
+    error: str | None = None  # why it was skipped
+
+    @property
+    def origin(self) -> str:
+        where = self.file or f"the p11-kit registry entry {self.name!r}"
+        return f"registered with p11-kit by {where}"
+
+
+@dataclass(frozen=True)
+class Registry:
+    modules: list[Registered]  # every registered module p11-kit could load
+    skipped: list[str]  # registered modules p11-kit could not even load (its message)
+
+    @property
+    def usable(self) -> list[Registered]:
+        return [r for r in self.modules if r.module is not None]
+
+    def summary(self) -> str:
+        """Each registered module with its tokens, or why it was skipped."""
+        parts = []
+        for r in self.modules:
+            if r.module is None:
+                parts.append(f"{r.name} ({r.path}): skipped, {r.error}")
+                continue
+            try:
+                toks = [t for t in r.module.tokens() if t.flags & lib.CKF_TOKEN_INITIALIZED]
+            except Exception as exc:  # a module that fails here is reported, not fatal
+                parts.append(f"{r.name} ({r.path}): cannot list its tokens ({exc})")
+                continue
+            parts.append(f"{r.name} ({r.path}): " + (", ".join(str(t) for t in toks) or "no tokens"))
+        parts += [f"skipped: {s}" for s in self.skipped]
+        return "; ".join(parts) or "none"
+
+
+_lock = ForkSafeLock()
+_seen_messages: set[str] = set()
+
+
+def _config_file(name: str) -> str | None:
+    base = os.environ.get("XDG_CONFIG_HOME")
+    user = os.path.join(base, "pkcs11", "modules") if base else os.path.expanduser(USER_DIR)
+    for folder in (user, *SYSTEM_DIRS):
+        candidate = os.path.join(folder, f"{name}.module")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _string(p: object) -> str:
+    if p == ffi.NULL:
+        return ""
+    try:
+        return str(ffi.string(p).decode("utf-8", "replace"))
+    finally:
+        lib.free(p)
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 on /dev/null meanwhile: tpm2-pkcs11 with no TPM
+    prints ERROR and CRITICAL lines (its own, GLib's, its TSS library's) at
+    C_Initialize, and a module the user did not ask for must not write into
+    their output.  Its failure is reported by list and check instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def scan() -> Registry:
+    """Load and initialise every module registered with p11-kit; failures are
+    recorded in the result, never raised."""
+    with _lock:
+        before = lib.p11_kit_message()
+        before_text = ffi.string(before).decode("utf-8", "replace") if before != ffi.NULL else ""
+        with _stderr_silenced():  # a module's constructor may print, too
+            mods = lib.p11_kit_modules_load(ffi.NULL, lib.P11_KIT_MODULE_UNMANAGED)
+        after = lib.p11_kit_message()
+        after_text = ffi.string(after).decode("utf-8", "replace") if after != ffi.NULL else ""
+        skipped = []
+        # p11-kit skips a module it cannot load and keeps only its last message.
+        if after_text.startswith("couldn't load module") and (
+            after_text != before_text or after_text in _seen_messages
+        ):
+            _seen_messages.add(after_text)
+            skipped.append(after_text)
+        found: list[tuple[str, str]] = []
+        if mods != ffi.NULL:
+            try:
+                i = 0
+                while mods[i] != ffi.NULL:
+                    found.append((_string(lib.p11_kit_module_get_name(mods[i])),
+                                  _string(lib.p11_kit_module_get_filename(mods[i]))))  # fmt: skip
+                    i += 1
+            finally:
+                lib.p11_kit_modules_release(mods)
+    out: list[Registered] = []
+    seen: set[str] = set()
+    for name, path in found:
+        real = os.path.realpath(path)
+        if real in seen:  # the same library registered twice: one module
+            continue
+        seen.add(real)
+        try:
+            with _stderr_silenced():
+                mod = Module.load(path)
+        except ModuleLoadError as exc:
+            out.append(Registered(name, path, _config_file(name), None, str(exc)))
+            continue
+        out.append(Registered(name, path, _config_file(name), mod))
+    return Registry(out, skipped)
+
+
+def _picking_uri(uri: ParsedUri, reg: Registered, tok: TokenInfo, unique_serial: bool) -> str:
+    attrs = [("token", tok.label.encode()), ("serial", tok.serial.encode())]
+    if not tok.serial.strip("0"):
+        attrs += [("manufacturer", tok.manufacturer.encode()), ("model", tok.model.encode())]
+    text = format_uri(attrs)
+    obj = [f"{k}={v}" for k, v in _uri._split_path(uri.text) if k in ("object", "id", "type")]
+    if obj:
+        text += ";" + ";".join(obj)
+    if not unique_serial:
+        text += "?module-path=" + reg.path
+    return text
+
+
+def choose(uri: ParsedUri) -> tuple[Registered, TokenInfo]:
+    """The registered module holding the one token the URI names.
+    ModuleLoadError (nothing registered or loadable), TokenNotFound, AmbiguousUri."""
+    reg = scan()
+    if not reg.usable:
+        why = "; ".join([f"{r.name} ({r.path}): {r.error}" for r in reg.modules] + reg.skipped)
+        raise ModuleLoadError(
+            "no PKCS#11 module given and no usable module is registered with p11-kit"
+            + (f" ({why})" if why else " (none registered)")
+            + "; "
+            + HOW_TO_REGISTER
+        )
+    hits: list[tuple[Registered, TokenInfo]] = []
+    for r in reg.usable:
+        assert r.module is not None
+        if not uri.matches_module(r.module.info):
+            continue
+        try:
+            tokens = [t for t in r.module.tokens() if t.flags & lib.CKF_TOKEN_INITIALIZED]
+        except Exception:  # a module that cannot list its slots holds nothing we can use
+            continue
+        for tok in tokens:
+            slot_info = ffi.new("CK_SLOT_INFO *")
+            if r.module.fl.C_GetSlotInfo(tok.slot_id, slot_info) != lib.CKR_OK:
+                continue
+            if uri.matches_slot(tok.slot_id, slot_info) and uri.matches_token(r.module.raw_token_info(tok.slot_id)):
+                hits.append((r, tok))
+    if not hits:
+        raise TokenNotFound(
+            f"no token matches {uri.safe!r} in the modules registered with p11-kit: {reg.summary()}. "
+            "Insert the card, fix the URI's token/serial attributes, or pass module= (--module) "
+            "if its middleware is not registered"
+        )
+    if len(hits) > 1:
+        serials = [t.serial for _, t in hits]
+        lines = [
+            f"{t} in {r.name} ({r.path}): {_picking_uri(uri, r, t, serials.count(t.serial) == 1)}" for r, t in hits
+        ]
+        raise AmbiguousUri(
+            f"{len(hits)} tokens in the modules registered with p11-kit match {uri.safe!r}: "
+            + "; ".join(lines)
+            + ". Use the URI given for the one you mean (or pass module=); mtls_engine does not log in "
+            "to a token it would have to guess"
+        )
+    return hits[0]
