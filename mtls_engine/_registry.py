@@ -134,10 +134,9 @@ def scan() -> Registry:
         after = lib.p11_kit_message()
         after_text = ffi.string(after).decode("utf-8", "replace") if after != ffi.NULL else ""
         skipped = []
-        # p11-kit skips a module it cannot load and keeps only its last message.
-        if after_text.startswith("couldn't load module") and (
-            after_text != before_text or after_text in _seen_messages
-        ):
+        # p11-kit skips a module it cannot load and keeps only its last message
+        # ("couldn't load module: ...", "call to C_GetFunctionList failed in module: ...").
+        if after_text and (after_text != before_text or after_text in _seen_messages):
             _seen_messages.add(after_text)
             skipped.append(after_text)
         found: list[tuple[str, str]] = []
