@@ -322,9 +322,9 @@ class Checker:
         if not path:
             from ._registry import choose, scan
 
-            found, _token = choose(self.uri)
+            found, _token = choose(self.uri, isolate=True)
             path, origin = found.path, found.origin
-            registry = scan()  # cached modules: what else is registered, and what was skipped
+            registry = scan(isolate=True)  # cached modules: what else is registered, and what was skipped
         mod = self.mod = Module.load(path)
         info = mod.info
         lib_version = f"{info.libraryVersion.major}.{info.libraryVersion.minor}"

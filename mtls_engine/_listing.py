@@ -217,12 +217,12 @@ def _run_registry(args: argparse.Namespace) -> int:
     login: tuple[str, int] | None = None
     if args.login:
         uri = parse(args.token or "pkcs11:", what="token")
-        found, token = choose(uri)  # AmbiguousUri when several: never log in to a guess
+        found, token = choose(uri, isolate=True)  # AmbiguousUri when several: never log in to a guess
         assert found.module is not None
         wipe(found.module.login(token, pin_getter(cli_pin(args.pin_source, args.token), uri), pin_memory=MEMORY,
                                 allow_final_try=args.force))  # fmt: skip
         login = (found.path, token.slot_id)
-    reg = scan()
+    reg = scan(isolate=True)
     if not reg.modules and not reg.skipped:
         raise ModuleLoadError(f"no PKCS#11 module given and none is registered with p11-kit; {HOW_TO_REGISTER}")
     data: dict[str, Any] = {"schema": "mtls_engine-list-registry/1", "modules": [], "skipped": []}

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,7 +24,7 @@ from . import _uri
 from ._errors import AmbiguousUri, ModuleLoadError, TokenNotFound
 from ._fork import ForkSafeLock
 from ._lib import ffi, lib
-from ._p11 import Module, TokenInfo
+from ._p11 import Module, TokenInfo, _initialize
 from ._uri import ParsedUri, format_uri
 
 # Where p11-kit looks for .module files (its compiled-in defaults on Debian
@@ -123,9 +125,55 @@ def _stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def scan() -> Registry:
+# How long a registered module may take in C_Initialize when list/check
+# try it in a child process first (a card reader's middleware can take a
+# second or two to talk to pcscd).
+PROBE_TIMEOUT = 10.0
+_probe_failures: dict[str, str] = {}  # module path -> why it was left out
+
+
+def _probe(path: str, timeout: float) -> str | None:
+    """Load and initialise ``path`` in a forked child: why it must be left
+    out (it crashed, or did not return within ``timeout``), else None.  The
+    child's result is not used: a module that fails politely is loaded,
+    and reported, in this process."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            fl = lib.p11_kit_module_load(path.encode(), lib.P11_KIT_MODULE_UNMANAGED)
+            if fl != ffi.NULL:
+                _initialize(fl)
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(r)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return f"did not return from C_Initialize within {timeout:g} s (tried in a child process)"
+        time.sleep(0.005)
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return f"crashed in C_Initialize ({name}, in a child process)"
+    return None
+
+
+def scan(*, isolate: bool = False) -> Registry:
     """Load and initialise every module registered with p11-kit; failures are
-    recorded in the result, never raised."""
+    recorded in the result, never raised.  ``isolate``: try each module not
+    yet loaded in a child process first, and leave out one that crashes or
+    hangs there (list and check)."""
     with _lock:
         before = lib.p11_kit_message()
         before_text = ffi.string(before).decode("utf-8", "replace") if before != ffi.NULL else ""
@@ -156,6 +204,14 @@ def scan() -> Registry:
         if real in seen:  # the same library registered twice: one module
             continue
         seen.add(real)
+        why = _probe_failures.get(real)
+        if why is None and isolate and real not in Module._cache:
+            why = _probe(path, PROBE_TIMEOUT)
+            if why is not None:
+                _probe_failures[real] = why
+        if why is not None:
+            out.append(Registered(name, path, _config_file(name), None, why))
+            continue
         try:
             with _stderr_silenced():
                 mod = Module.load(path)
@@ -179,10 +235,11 @@ def _picking_uri(uri: ParsedUri, reg: Registered, tok: TokenInfo, unique_serial:
     return text
 
 
-def choose(uri: ParsedUri) -> tuple[Registered, TokenInfo]:
-    """The registered module holding the one token the URI names.
-    ModuleLoadError (nothing registered or loadable), TokenNotFound, AmbiguousUri."""
-    reg = scan()
+def choose(uri: ParsedUri, *, isolate: bool = False) -> tuple[Registered, TokenInfo]:
+    """The registered module holding the one token the URI names (``isolate``:
+    as for scan).  ModuleLoadError (nothing registered or loadable),
+    TokenNotFound, AmbiguousUri."""
+    reg = scan(isolate=isolate)
     if not reg.usable:
         why = "; ".join([f"{r.name} ({r.path}): {r.error}" for r in reg.modules] + reg.skipped)
         raise ModuleLoadError(

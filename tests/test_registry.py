@@ -290,3 +290,26 @@ def test_config_and_uri_pem_with_no_module_for_s_client(regcard: RegCard, tmp_pa
             env={**regcard.env, "OPENSSL_CONF": str(cnf)},
         )  # fmt: skip
     assert f"hello, {card.subject()}".encode() in s.stdout, s.stderr.decode(errors="replace")[-2000:]
+
+
+@pytest.mark.parametrize("fault", ["hang", "crash"])
+def test_list_and_check_survive_a_module_that_hangs_or_crashes(
+    regcard: RegCard, shim: Path, tmp_path: Path, fault: str
+) -> None:
+    reg = regcard.registry(f"fault-{fault}")
+    reg.register("aaa-faulty", shim)
+    reg.register("mtls-test-softhsm", regcard.folder.module)
+    env = {**regcard.env, **p11shim.shim_env(regcard.folder.module, tmp_path, log=False), "MTLS_SHIM_INIT_FAULT": fault}
+    expected = "did not return from C_Initialize within" if fault == "hang" else "crashed in C_Initialize (SIGABRT"
+    listing = reg.cli("list", "--json", extra=env)
+    assert listing.returncode == 0, listing.stderr
+    data = json.loads(listing.stdout)
+    assert [m["module"]["path"] for m in data["modules"]] == [regcard.folder.module]
+    (skipped,) = data["skipped"]
+    assert skipped["path"] == str(shim) and expected in skipped["error"], skipped
+    check = reg.cli("check", "--key", regcard.card.key_uri(), "--pin-source", regcard.card.pin_source, "--json",
+                    extra=env)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    step = next(s for s in json.loads(check.stdout)["steps"] if s["id"] == "module")
+    assert step["facts"]["path"] == regcard.folder.module
+    assert any(str(shim) in s and expected in s for s in step["facts"]["skipped"]), step
