@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import ssl
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,8 +247,6 @@ def test_handshakes_with_no_module_argument(regcard: RegCard) -> None:
 
 
 def _python() -> list[str]:
-    import sys
-
     return [sys.executable]
 
 
@@ -313,3 +315,33 @@ def test_list_and_check_survive_a_module_that_hangs_or_crashes(
     step = next(s for s in json.loads(check.stdout)["steps"] if s["id"] == "module")
     assert step["facts"]["path"] == regcard.folder.module
     assert any(str(shim) in s and expected in s for s in step["facts"]["skipped"]), step
+
+
+def test_serve_with_no_module(regcard: RegCard) -> None:
+    reg = regcard.registry("serve")
+    reg.register("mtls-test-softhsm", regcard.folder.module)
+    card = regcard.card
+    proc = subprocess.Popen(
+        [*_python(), "-m", "mtls_engine", "serve", "--key", card.key_uri(KeyKind.RSA2048), "--client-ca",
+         str(card.ca_file), "--port", "0", "--pin-source", card.pin_source],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=reg.env(regcard.env),
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        m = re.search(r"listening on https://127\.0\.0\.1:(\d+)/", line)
+        assert m, line + (proc.stderr.read() if proc.poll() is not None else "")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the server's CertificateVerify is checked all the same
+        ctx.load_cert_chain(regcard.folder.server_cert, regcard.folder.server_key)
+        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=30) as raw:
+            with ctx.wrap_socket(raw) as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der == ssl.PEM_cert_to_DER_cert(card.cert_file(KeyKind.RSA2048).read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stderr is not None:
+            proc.stderr.close()
