@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
