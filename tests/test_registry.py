@@ -345,3 +345,23 @@ def test_serve_with_no_module(regcard: RegCard) -> None:
         proc.wait(timeout=30)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_inject_and_server_context_with_no_module(regcard: RegCard) -> None:
+    reg = regcard.registry("inject")
+    reg.register("mtls-test-softhsm", regcard.folder.module)
+    card = regcard.card
+    with regcard.folder.https_server() as server:
+        code = (
+            "import ssl, urllib.request, mtls_engine\n"
+            f"info = mtls_engine.inject({card.key_uri()!r}, present_to=['127.0.0.1'], "
+            f"pin=mtls_engine.pin_source({card.pin_source!r}))\n"
+            f"ctx = ssl.create_default_context(cafile={str(card.ca_file)!r})\n"
+            f"print(info.module, urllib.request.urlopen({server.url!r}, context=ctx).read().decode().strip())\n"
+            f"srv = mtls_engine.server_context(None, {card.key_uri(KeyKind.RSA2048)!r}, {str(card.ca_file)!r}, "
+            f"pin=mtls_engine.pin_source({card.pin_source!r}))\n"
+            "print(isinstance(srv, ssl.SSLContext))\n"
+        )
+        proc = reg.python(code, regcard.env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{regcard.folder.module} hello, {card.subject()}", "True"]
