@@ -189,14 +189,21 @@ def scan(*, isolate: bool = False) -> Registry:
             skipped.append(after_text)
         found: list[tuple[str, str]] = []
         if mods != ffi.NULL:
-            try:
-                i = 0
-                while mods[i] != ffi.NULL:
-                    found.append((_string(lib.p11_kit_module_get_name(mods[i])),
-                                  _string(lib.p11_kit_module_get_filename(mods[i]))))  # fmt: skip
-                    i += 1
-            finally:
-                lib.p11_kit_modules_release(mods)
+            i = 0
+            while mods[i] != ffi.NULL:
+                found.append((_string(lib.p11_kit_module_get_name(mods[i])),
+                              _string(lib.p11_kit_module_get_filename(mods[i]))))  # fmt: skip
+                i += 1
+    # Released only after Module.load has its own reference: a library
+    # unloaded and loaded again in between would run its constructors twice.
+    try:
+        return _load_found(found, skipped, isolate)
+    finally:
+        if mods != ffi.NULL:
+            lib.p11_kit_modules_release(mods)
+
+
+def _load_found(found: list[tuple[str, str]], skipped: list[str], isolate: bool) -> Registry:
     out: list[Registered] = []
     seen: set[str] = set()
     for name, path in found:
