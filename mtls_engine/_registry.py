@@ -83,7 +83,7 @@ class Registry:
 
 
 _lock = ForkSafeLock()
-_seen_messages: set[str] = set()
+_seen_messages: list[str] = []  # p11-kit's messages about registered modules it skipped
 
 
 def _config_file(name: str) -> str | None:
@@ -181,12 +181,13 @@ def scan(*, isolate: bool = False) -> Registry:
             mods = lib.p11_kit_modules_load(ffi.NULL, lib.P11_KIT_MODULE_UNMANAGED)
         after = lib.p11_kit_message()
         after_text = ffi.string(after).decode("utf-8", "replace") if after != ffi.NULL else ""
-        skipped = []
         # p11-kit skips a module it cannot load and keeps only its last message
-        # ("couldn't load module: ...", "call to C_GetFunctionList failed in module: ...").
-        if after_text and (after_text != before_text or after_text in _seen_messages):
-            _seen_messages.add(after_text)
-            skipped.append(after_text)
+        # ("couldn't load module: ...", "call to C_GetFunctionList failed in
+        # module: ..."), cleared by its next call and not repeated by every
+        # later load: what a scan of this process saw is kept for the next.
+        if after_text and after_text != before_text and after_text not in _seen_messages:
+            _seen_messages.append(after_text)
+        skipped = list(_seen_messages)
         found: list[tuple[str, str]] = []
         if mods != ffi.NULL:
             i = 0
