@@ -77,7 +77,9 @@ class Registry:
             except Exception as exc:  # a module that fails here is reported, not fatal
                 parts.append(f"{r.name} ({r.path}): cannot list its tokens ({exc})")
                 continue
-            parts.append(f"{r.name} ({r.path}): " + (", ".join(str(t) for t in toks) or "no tokens"))
+            # A card in a reader that this module cannot read (see _p11.UNREADABLE_TOKEN).
+            toks_text = [str(t) for t in toks] + [f"unreadable {u}" for u in r.module.unreadable]
+            parts.append(f"{r.name} ({r.path}): " + (", ".join(toks_text) or "no tokens"))
         parts += [f"skipped: {s}" for s in self.skipped]
         return "; ".join(parts) or "none"
 

@@ -261,6 +261,13 @@ def test_commands_with_no_module(regcard: RegCard, tmp_path: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert "1 module(s) registered with p11-kit" in listing.stdout
     assert f"token 'regcard' serial {card.serial}" in listing.stdout
+    assert "private key" not in listing.stdout  # not logged in
+    login = reg.cli("list", "--login", "--token", card.key_uri(), "--pin-source", card.pin_source, "--json",
+                    extra=regcard.env)  # fmt: skip
+    assert login.returncode == 0, login.stderr
+    (module,) = json.loads(login.stdout)["modules"]
+    (slot,) = [s for s in module["slots"] if s["token"] and s["token"]["label"] == "regcard"]
+    assert {o["label"] for o in slot["token"]["objects"] if o["class"] == "private_key"} == {"ec256", "rsa2048"}
     with regcard.folder.https_server() as server:
         conn = reg.cli("connect", server.url, "--key", card.key_uri(), "--cafile", str(card.ca_file),
                        "--pin-source", card.pin_source, extra=regcard.env)  # fmt: skip
