@@ -213,8 +213,10 @@ def load_card_key(
     chain).  ``present_to``: host names (``*.example.org`` for any name
     under it) or a callable ``(host) -> bool``; the card's certificate is
     then sent only to those servers, and any other server that asks gets
-    none (the card signs nothing for it).  Logs in at most once; raises a
-    subclass of ``mtls_engine.Error``.
+    none (the card signs nothing for it).  ``module``: the PKCS#11 library;
+    None: the URI's module-path, $MTLS_ENGINE_MODULE, else the module
+    registered with p11-kit that holds the URI's token.  Logs in at most
+    once; raises a subclass of ``mtls_engine.Error``.
     """
     lib.ERR_clear_error()
     try:
