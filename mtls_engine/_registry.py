@@ -245,6 +245,16 @@ def _picking_uri(uri: ParsedUri, reg: Registered, tok: TokenInfo, unique_serial:
     return text
 
 
+def _names_module(name: str | None, reg: Registered) -> bool:
+    """RFC 7512's module-name (the library's file name without folder and
+    suffix: opensc-pkcs11, libsofthsm2 or softhsm2) names ``reg``, or is
+    not given; the p11-kit registry name counts too."""
+    if not name:
+        return True
+    stem = os.path.basename(reg.path).split(".so")[0]
+    return name in (reg.name, stem, stem.removeprefix("lib"))
+
+
 def choose(uri: ParsedUri, *, isolate: bool = False) -> tuple[Registered, TokenInfo]:
     """The registered module holding the one token the URI names (``isolate``:
     as for scan).  ModuleLoadError (nothing registered or loadable),
@@ -261,7 +271,7 @@ def choose(uri: ParsedUri, *, isolate: bool = False) -> tuple[Registered, TokenI
     hits: list[tuple[Registered, TokenInfo]] = []
     for r in reg.usable:
         assert r.module is not None
-        if not uri.matches_module(r.module.info):
+        if not uri.matches_module(r.module.info) or not _names_module(uri.module_name, r):
             continue
         try:
             tokens = [t for t in r.module.tokens() if t.flags & lib.CKF_TOKEN_INITIALIZED]

@@ -372,3 +372,16 @@ def test_inject_and_server_context_with_no_module(regcard: RegCard) -> None:
         proc = reg.python(code, regcard.env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [f"{regcard.folder.module} hello, {card.subject()}", "True"]
+
+
+def test_module_name_in_the_uri_picks_among_registered_modules(regcard: RegCard, shim: Path, tmp_path: Path) -> None:
+    reg = regcard.registry("module-name")
+    reg.register("mtls-test-softhsm", regcard.folder.module)
+    reg.register("mtls-test-shim", shim)
+    env = {**regcard.env, **p11shim.shim_env(regcard.folder.module, tmp_path, log=False)}
+    base = regcard.card.key_uri()
+    for name, expected in (("mtls-test-shim", str(shim)), ("softhsm2", regcard.folder.module),
+                           ("libsofthsm2", regcard.folder.module)):  # fmt: skip
+        proc = reg.python(_load_code(regcard.card, f"{base}?module-name={name}"), env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == expected
