@@ -122,6 +122,13 @@ typedef struct {
 #define P11_KIT_MODULE_UNMANAGED ...
 CK_FUNCTION_LIST *p11_kit_module_load(const char *, int);
 const char *p11_kit_message(void);
+/* The p11-kit registry (modules registered by .module files). */
+CK_FUNCTION_LIST **p11_kit_modules_load(const char *, int);
+void p11_kit_modules_release(CK_FUNCTION_LIST **);
+char *p11_kit_module_get_name(CK_FUNCTION_LIST *);
+char *p11_kit_module_get_filename(CK_FUNCTION_LIST *);
+char *p11_kit_config_option(CK_FUNCTION_LIST *, const char *);
+void free(void *);
 
 typedef ... P11KitUri;
 #define P11_KIT_URI_OK ...

@@ -13,7 +13,6 @@ from ._errors import (
     CertificateError,
     CertKeyMismatch,
     ConfigError,
-    ModuleLoadError,
     ObjectNotFound,
     OpenSSLError,
     UriError,
@@ -79,6 +78,9 @@ class CardKey:
 
 
 def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
+    """The module to use: the argument, else the URI's module-path, else
+    $MTLS_ENGINE_MODULE, else the p11-kit-registered module holding the
+    URI's token (ModuleLoadError, TokenNotFound, AmbiguousUri)."""
     if module is not None:
         return os.fspath(module)
     if uri.module_path:
@@ -86,10 +88,11 @@ def _module_path(module: str | os.PathLike[str] | None, uri: ParsedUri) -> str:
     env = os.environ.get(MODULE_ENV)
     if env:
         return env
-    raise ModuleLoadError(
-        f"no PKCS#11 module given; pass module='/path/to/pkcs11-module.so', set {MODULE_ENV}, "
-        "or add module-path=... to the key URI"
-    )
+    from ._registry import choose  # only when nothing names a module
+
+    found, _token = choose(uri)
+    log.debug("using %s, %s", found.path, found.origin)
+    return found.path
 
 
 def _read_cert_file(path: str) -> list[bytes]:
@@ -236,8 +239,10 @@ def load_card_key(
     chain).  ``present_to``: host names (``*.example.org`` for any name
     under it) or a callable ``(host) -> bool``; the card's certificate is
     then sent only to those servers, and any other server that asks gets
-    none (the card signs nothing for it).  Logs in at most once; raises a
-    subclass of ``mtls_engine.Error``.
+    none (the card signs nothing for it).  ``module``: the PKCS#11 library;
+    None: the URI's module-path, $MTLS_ENGINE_MODULE, else the module
+    registered with p11-kit that holds the URI's token.  Logs in at most
+    once; raises a subclass of ``mtls_engine.Error``.
     """
     lib.ERR_clear_error()
     try:

@@ -94,7 +94,8 @@ class _Stop(Exception):
 # error's own message (what was looked for, what was found) goes in the
 # summary; the hint is the short action.
 _HINTS: dict[type[Error], str] = {
-    ModuleLoadError: "pass --module with the path of your card's PKCS#11 library (or set $MTLS_ENGINE_MODULE)",
+    ModuleLoadError: "pass --module with the path of your card's PKCS#11 library (or set $MTLS_ENGINE_MODULE), "
+    "or register it with p11-kit (a .module file: 'module: /path/to/lib.so')",
     TokenNotFound: "insert the card, or fix the token=/serial= attributes of --key (see 'mtls_engine list')",
     AmbiguousUri: "add serial=... / object=... / id=... to --key so it names exactly one (see 'mtls_engine list')",
     ObjectNotFound: "fix --key's object= or id= (see 'mtls_engine list'), or pass --cert",
@@ -314,20 +315,36 @@ class Checker:
         if self.uri.object_type not in (None, "private"):
             raise UriError(f"the key URI {self.uri.safe!r} must name a private key (type=private)")
         path = self.module_arg or self.uri.module_path or os.environ.get(MODULE_ENV)
+        origin = (
+            "--module" if self.module_arg else "the URI's module-path" if self.uri.module_path else f"${MODULE_ENV}"
+        )
+        registry = None
         if not path:
-            raise ModuleLoadError(f"no PKCS#11 module given (--module, ${MODULE_ENV} or the URI's module-path)")
+            from ._registry import choose, scan
+
+            found, _token = choose(self.uri, isolate=True)
+            path, origin = found.path, found.origin
+            registry = scan(isolate=True)  # cached modules: what else is registered, and what was skipped
         mod = self.mod = Module.load(path)
         info = mod.info
         lib_version = f"{info.libraryVersion.major}.{info.libraryVersion.minor}"
         cryptoki = "{}.{}".format(*mod.cryptoki_version)
         st.ok(
-            f"{mod.path}: {mod.description} {lib_version} by {mod.manufacturer}, Cryptoki {cryptoki}",
+            f"{mod.path} ({origin}): {mod.description} {lib_version} by {mod.manufacturer}, Cryptoki {cryptoki}",
             path=mod.path,
             manufacturer=mod.manufacturer,
             description=mod.description,
             library_version=lib_version,
             cryptoki_version=cryptoki,
+            origin=origin,
         )
+        if registry is not None:
+            skipped = [f"{r.name} ({r.path}): {r.error}" for r in registry.modules if r.module is None]
+            skipped += registry.skipped
+            st.facts["registered"] = [r.path for r in registry.modules]
+            st.facts["skipped"] = skipped
+            if skipped:
+                st.summary += "; skipped registered modules: " + "; ".join(skipped)
 
     def _token(self, st: Step) -> None:
         assert self.mod is not None and self.uri is not None

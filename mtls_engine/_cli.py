@@ -29,7 +29,7 @@ __all__ = ["main"]
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    module = module_arg(args.module)
+    module = module_arg(args.module, args.key)
     engine_ok, engine_so = _backends.engine_status()
     provider_ok, provider_so = _backends.provider_status()
     backend = args.backend
@@ -74,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     _serve.register(sub)
 
     p = sub.add_parser("config", help="write an openssl.cnf that makes stock clients use a card key")
-    p.add_argument("--module", help=f"the card's PKCS#11 module (default: ${MODULE_ENV})")
+    p.add_argument(
+        "--module",
+        help=f"the card's PKCS#11 module (default: ${MODULE_ENV}, else the module registered with p11-kit "
+        "that holds the token --key names)",
+    )
+    p.add_argument(
+        "--key",
+        metavar="URI",
+        help="without --module: the key (or token) whose registered module to write (default: the only token)",
+    )
     p.add_argument(
         "--backend",
         choices=("engine", "provider", "both"),

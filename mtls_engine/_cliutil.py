@@ -34,10 +34,14 @@ def write_output(path: str | None, data: bytes, mode: int) -> None:
         raise ConfigError(f"cannot write {path!r}: {exc.strerror}") from None
 
 
-def module_arg(module: str | None) -> str:
+def module_arg(module: str | None, key: str | None = None) -> str:
+    """--module, else $MTLS_ENGINE_MODULE, else the p11-kit-registered module
+    holding the token ``key`` names (any token when None), as an absolute path."""
     module = module or os.environ.get(MODULE_ENV)
     if not module:
-        raise ModuleLoadError(f"no PKCS#11 module given; pass --module /path/to/pkcs11-module.so or set {MODULE_ENV}")
+        from ._registry import choose
+
+        module = choose(parse(key or "pkcs11:", what="key"))[0].path
     if not os.path.isfile(module):
         raise ModuleLoadError(f"the PKCS#11 module {module!r} does not exist; pass the path of your card's module")
     # Stock clients run from any folder: the file must name it absolutely.
@@ -46,7 +50,11 @@ def module_arg(module: str | None) -> str:
 
 def add_card_arguments(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
     """The options every command that uses a card shares."""
-    p.add_argument("--module", help=f"the card's PKCS#11 module (default: ${MODULE_ENV} or the URI's module-path)")
+    p.add_argument(
+        "--module",
+        help=f"the card's PKCS#11 module (default: the URI's module-path, ${MODULE_ENV}, or the module "
+        "registered with p11-kit that holds the token)",
+    )
     p.add_argument(
         "--pin-source",
         metavar="env:VAR|file:PATH",

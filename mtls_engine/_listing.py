@@ -210,10 +210,52 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _run_registry(args: argparse.Namespace) -> int:
+    """``list`` with no module given: every module registered with p11-kit."""
+    from ._registry import HOW_TO_REGISTER, choose, scan
+
+    login: tuple[str, int] | None = None
+    if args.login:
+        uri = parse(args.token or "pkcs11:", what="token")
+        found, token = choose(uri, isolate=True)  # AmbiguousUri when several: never log in to a guess
+        assert found.module is not None
+        wipe(found.module.login(token, pin_getter(cli_pin(args.pin_source, args.token), uri), pin_memory=MEMORY,
+                                allow_final_try=args.force))  # fmt: skip
+        login = (found.path, token.slot_id)
+    reg = scan(isolate=True)
+    if not reg.modules and not reg.skipped:
+        raise ModuleLoadError(f"no PKCS#11 module given and none is registered with p11-kit; {HOW_TO_REGISTER}")
+    data: dict[str, Any] = {"schema": "mtls_engine-list-registry/1", "modules": [], "skipped": []}
+    for r in reg.modules:
+        if r.module is None:
+            data["skipped"].append({"name": r.name, "path": r.path, "file": r.file, "error": r.error})
+            continue
+        slot = login[1] if login is not None and login[0] == r.path else None
+        try:
+            one = describe_module(r.module, slot)
+        except Pkcs11Error as exc:  # one module's failure is reported, never fatal
+            data["skipped"].append({"name": r.name, "path": r.path, "file": r.file, "error": str(exc)})
+            continue
+        one["module"].update(name=r.name, file=r.file, origin=r.origin)
+        data["modules"].append(one)
+    data["skipped"] += [{"name": None, "path": None, "file": None, "error": s} for s in reg.skipped]
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    parts = [f"{len(data['modules'])} module(s) registered with p11-kit"]
+    for one in data["modules"]:
+        parts.append(f"== {one['module']['name']}: {one['module']['origin']}\n{render(one)}")
+    for sk in data["skipped"]:
+        who = f"{sk['name']} ({sk['path']})" if sk["name"] else "a registered module"
+        parts.append(f"== skipped {who}: {sk['error']}")
+    print("\n".join(parts))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     path = args.module or os.environ.get(MODULE_ENV)
     if not path:
-        raise ModuleLoadError(f"no PKCS#11 module given; pass --module or set ${MODULE_ENV}")
+        return _run_registry(args)
     mod = Module.load(path)
     login_slot = None
     if args.login:

@@ -190,6 +190,12 @@ class ParsedUri:
         p = lib.p11_kit_uri_get_module_path(self.handle)
         return None if p == ffi.NULL else ffi.string(p).decode("utf-8")
 
+    @property
+    def module_name(self) -> str | None:
+        """RFC 7512's module-name: the library's file name without folder and suffix."""
+        p = lib.p11_kit_uri_get_module_name(self.handle)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8")
+
     def slot_id(self) -> int | None:
         sid = int(lib.p11_kit_uri_get_slot_id(self.handle))
         return None if sid == int(ffi.cast("CK_SLOT_ID", -1)) else sid

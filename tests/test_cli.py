@@ -20,6 +20,7 @@ from mtls_engine._uripem import read_uri_pem, uri_pem
 
 from .conftest import Pki, need
 from .helpers import ROOT
+from .registry import Registry
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -113,13 +114,10 @@ def test_config_refusals(pki: Pki, tmp_path: Path) -> None:
     proc = run_cli("config", "--module", pki.module, "--pin-source", "file:pin.txt")
     assert proc.returncode == 1
     assert "must be an absolute path" in proc.stderr
-    env_module = {k: v for k, v in os.environ.items() if k != "MTLS_ENGINE_MODULE"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtls_engine", "config"], capture_output=True, text=True, timeout=60,
-        env={**env_module, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+    proc = Registry(tmp_path / "registry").cli("config", extra=pki.folder.env)  # nothing registered
     assert proc.returncode == 1
-    assert "ModuleLoadError: no PKCS#11 module given; pass --module" in proc.stderr
+    assert "ModuleLoadError: no PKCS#11 module given and no usable module is registered with p11-kit" in proc.stderr
+    assert "'module: /path/to/your-pkcs11-library.so'" in proc.stderr
     proc = run_cli()
     assert proc.returncode == 2
     assert "usage: python -m mtls_engine" in proc.stderr

@@ -14,6 +14,7 @@ from mtls_engine._softhsm import KeyKind
 
 from .conftest import Pki
 from .helpers import count_calls, run_python
+from .registry import Registry
 
 
 def _ctx(pki: Pki) -> ssl.SSLContext:
@@ -89,10 +90,21 @@ def test_module_that_is_not_a_pkcs11_library(pki: Pki, tmp_path: Path) -> None:
         _load(pki, pki.key_uri(KeyKind.P256), module=str(fake))
 
 
-def test_no_module_at_all(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MTLS_ENGINE_MODULE", raising=False)
-    with pytest.raises(mtls_engine.ModuleLoadError, match=r"no PKCS#11 module given.*MTLS_ENGINE_MODULE"):
-        mtls_engine.load_card_key(_ctx(pki), pki.key_uri(KeyKind.P256), pin=pki.card1.pin)
+def test_no_module_at_all(pki: Pki, tmp_path: Path) -> None:
+    # No argument, no module-path, no $MTLS_ENGINE_MODULE and an empty p11-kit registry.
+    reg = Registry(tmp_path / "registry")
+    proc = reg.python(
+        "import ssl, mtls_engine\n"
+        f"mtls_engine.load_card_key(ssl.create_default_context(), {pki.key_uri(KeyKind.P256)!r}, pin='x')\n",
+        pki.folder.env,
+    )
+    assert proc.returncode == 1
+    assert (
+        "mtls_engine._errors.ModuleLoadError: no PKCS#11 module given and no usable module is registered with "
+        "p11-kit (none registered); register your card's middleware with p11-kit: a one-line file such as "
+        "/etc/pkcs11/modules/mycard.module" in proc.stderr
+    ), proc.stderr
+    assert "pass module= (--module), set $MTLS_ENGINE_MODULE" in proc.stderr
 
 
 def test_certificate_file_that_does_not_match_the_key(pki: Pki) -> None:

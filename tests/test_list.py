@@ -8,11 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from mtls_engine import _names
 
 from .conftest import Pki, need
+from .registry import Registry
 from .test_check import assert_no_pin, run_cli
 
 FIXTURE_PRIVATE_KEYS = {
@@ -83,12 +82,14 @@ def test_list_login_needs_one_token(pki: Pki, tmp_path: Path) -> None:
     assert "does not log in to a token it would have to guess" in proc.stderr
 
 
-def test_list_without_module(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MTLS_ENGINE_MODULE", raising=False)
-    proc = run_cli("list")
+def test_list_without_module_and_nothing_registered(pki: Pki, tmp_path: Path) -> None:
+    proc = Registry(tmp_path / "registry").cli("list", extra=pki.folder.env)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        "mtls_engine: ModuleLoadError: no PKCS#11 module given; pass --module or set $MTLS_ENGINE_MODULE"
+        "mtls_engine: ModuleLoadError: no PKCS#11 module given and none is registered with p11-kit; "
+        "register your card's middleware with p11-kit: a one-line file such as /etc/pkcs11/modules/mycard.module "
+        "(or ~/.config/pkcs11/modules/mycard.module) containing 'module: /path/to/your-pkcs11-library.so'; or pass "
+        "module= (--module), set $MTLS_ENGINE_MODULE, or add module-path=... to the key URI"
     )
 
 

@@ -19,6 +19,7 @@
  *                              caller named (whose public parts, and so its
  *                              certificate, the caller still believes in)
  *   MTLS_SHIM_LOG=FILE         one line per wrapped call: "NAME rv=0x%08lX pid=N ..."
+ *   MTLS_SHIM_INIT_FAULT=hang|crash  C_Initialize never returns / aborts the process
  *   MTLS_SHIM_IDENTITY=LIBMAN|LIBDESC|TOKMAN|TOKMODEL  what C_GetInfo says
  *                              the library's manufacturer and description
  *                              are, and C_GetTokenInfo every token's
@@ -323,6 +324,14 @@ static CK_RV shim_Initialize(CK_VOID_PTR args)
 {
     CK_RV rv;
 
+    const char *fault = getenv("MTLS_SHIM_INIT_FAULT");
+
+    /* A module that never returns from, or crashes in, C_Initialize. */
+    if (fault != NULL && strcmp(fault, "hang") == 0)
+        for (;;)
+            pause();
+    if (fault != NULL && strcmp(fault, "crash") == 0)
+        abort();
     pthread_once(&once, setup);
     if (load_rv != CKR_OK)
         return load_rv;
