@@ -11,10 +11,9 @@ retry counter at all and sets only CKF_USER_PIN_COUNT_LOW, after a failure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ._lib import lib
 
+TYPE_CHECKING = False  # typing is not imported at run time (import cost)
 if TYPE_CHECKING:
     from ._p11 import Module, TokenInfo
 
