@@ -15,13 +15,13 @@ import mtls_engine
 from mtls_engine._backends import choose, provider_status
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import BACKEND_STATUS, Pki, need
+from .conftest import Pki, need, need_backend
 from .helpers import ROOT, run_python
 from .servers import echo_server, server_context, talk
 
 
 def test_auto_prefers_the_engine_and_says_why(pki: Pki, backend: str) -> None:
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P256), module=pki.module, pin=pki.card1.pin)
     assert info.backend == "engine"
@@ -149,7 +149,7 @@ def test_engine_serves_a_second_module_in_the_same_process(pki: Pki, spy: str, t
     """OpenSSL 3 lets one engine library back one ENGINE at a time (a second
     load of pkcs11.so fails with "init failed"): the second module's engine
     instance comes from a private copy of the library, and both sign."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     proc = run_python(
         ENGINE_TWO_MODULES,
         env={"T_MODULE": pki.module, "T_OTHER": spy, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
@@ -202,7 +202,7 @@ def test_the_engine_reaches_its_module_through_mtls_engine(pki: Pki) -> None:
     retire (libp11 closes its sessions and finalises the module: on
     SoftHSM2, loaded directly, a module the whole process shares) leaves
     the current instance and mtls_engine's own sessions working."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     rounds = 70
     proc = run_python(
         ENGINE_MODULE_THROUGH_MTLS,
@@ -261,7 +261,7 @@ def test_a_retired_engine_instance_lives_as_long_as_its_key(pki: Pki) -> None:
     key is still held (here: a reference like a connection's) stays alive
     and signs, while the instances between it and the current one are
     freed; once the key is gone, the next reconnection frees it too."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     proc = run_python(
         ENGINE_RETIRED_KEY_IN_USE,
         env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
@@ -347,7 +347,7 @@ def test_engine_already_loaded_by_openssl_cnf(pki: Pki, tmp_path: Path) -> None:
     """A user's openssl.cnf that loads libp11's engine: a second engine
     instance cannot start, so the engine backend says why and auto takes the
     provider."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     need(provider_status()[0], provider_status()[1])
     cnf = tmp_path / "engine.cnf"
     made = subprocess.run(

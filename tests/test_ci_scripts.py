@@ -37,7 +37,30 @@ def test_pkcs11_provider_suite_follows_debian_version(tmp_path: Path, debian_ver
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"pkcs11-provider: {suite}"
+    assert proc.stdout.splitlines()[0] == f"pkcs11-provider: {suite}"
+
+
+@pytest.mark.parametrize(
+    ("openssl_major", "plan"),
+    [("3", "install"), ("1", "install"), ("4", "skip (this OpenSSL has no ENGINE API)")],
+)
+def test_libp11_engine_is_skipped_where_openssl_has_no_engine_api(
+    tmp_path: Path, openssl_major: str, plan: str
+) -> None:
+    """The set-up script asks the Python that will run mtls_engine which
+    OpenSSL it has; on OpenSSL 4 it leaves libp11's engine out."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {openssl_major}\n")
+    python.chmod(0o755)
+    version_file = tmp_path / "debian_version"
+    version_file.write_text("forky/sid\n")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "ci" / "setup.sh"), "--plan"],
+        env={"PATH": "/usr/bin:/bin", "MTLS_DEBIAN_VERSION_FILE": str(version_file), "PYTHON": str(python)},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["pkcs11-provider: main", f"libengine-pkcs11-openssl: {plan}"]
 
 
 def test_sanitize_script_parses_and_explains_itself() -> None:
