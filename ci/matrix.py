@@ -380,10 +380,11 @@ def snapshot_source(dest: Path) -> None:
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, dest / name)
     shutil.copytree(ROOT / "csrc", dest / "csrc", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
-    (dest / "mtls_engine").mkdir()
-    for p in (ROOT / "mtls_engine").iterdir():
-        if p.suffix == ".py" or p.name == "py.typed":
-            shutil.copy2(p, dest / "mtls_engine" / p.name)
+    # The package with its subpackages (mtls_engine.testing), sources only.
+    shutil.copytree(ROOT / "mtls_engine", dest / "mtls_engine",
+                    ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or n == "py.typed"
+                                                                    or os.path.isdir(os.path.join(d, n)))
+                                             or n == "__pycache__"])  # fmt: skip
 
 
 def snapshot_tests(dest: Path) -> None:

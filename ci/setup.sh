@@ -93,6 +93,9 @@ fi
 PACKAGES=(
   softhsm2 opensc opensc-pkcs11 gnutls-bin p11-kit p11-kit-modules libp11-kit-dev
   libssl-dev libffi-dev pkg-config gcc openssl curl ca-certificates
+  # Tools the tests use: valgrind (tests/test_memory.py), ss from iproute2
+  # (listen backlogs); a minimal Debian (debootstrap minbase) has neither.
+  valgrind iproute2
   # A TPM 2.0 token for the tests (docs/tokens.md): a software TPM, the
   # resource manager and its TCTI, tpm2-pkcs11 and its tools, dbus-daemon
   # for the resource manager's private bus (names checked with apt-cache on

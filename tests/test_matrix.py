@@ -284,3 +284,15 @@ def test_ci_scripts_hard_code_no_library_folder() -> None:
         text = (ROOT / "ci" / script).read_text()
         for folder in ("x86_64-linux-gnu", "aarch64-linux-gnu", "/usr/lib/", "/usr/lib64", "engines-3", "ossl-modules"):
             assert folder not in text, f"ci/{script} hard-codes {folder}"
+
+
+def test_source_snapshot_has_the_subpackages_and_no_build(tmp_path: Path) -> None:
+    """What the matrix builds from: every module of the package, its
+    subpackages included (mtls_engine.testing), and nothing compiled."""
+    dest = tmp_path / "src"
+    matrix.snapshot_source(dest)
+    sources = [p for p in (ROOT / "mtls_engine").rglob("*.py") if "__pycache__" not in p.parts]
+    wanted = {p.relative_to(ROOT).as_posix() for p in sources}
+    got = {p.relative_to(dest).as_posix() for p in (dest / "mtls_engine").rglob("*") if p.is_file()}
+    assert "mtls_engine/testing/__init__.py" in wanted
+    assert got == wanted | {"mtls_engine/py.typed"}
