@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
@@ -327,6 +328,18 @@ def test_build_without_engine_api(tmp_path: Path) -> None:
         assert lines[2] == "provider"
     else:
         assert lines[2].startswith("BackendUnavailable: no backend is available; engine: this OpenSSL has no ENGINE")
+    # check: with no ENGINE API the provider is the only backend there can
+    # be, so having only it is no warning.
+    env.pop("MTLS_ENGINE_MODULE", None)
+    check = subprocess.run([sys.executable, "-m", "mtls_engine", "check", "--json"], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=str(tmp_path))  # fmt: skip
+    step = {s["id"]: s for s in json.loads(check.stdout)["steps"]}["backends"]
+    assert step["facts"]["engine"]["available"] is False, step
+    if provider_status()[0]:
+        assert (step["status"], step["hint"]) == ("ok", None), step
+        assert step["summary"].startswith("using provider (auto: the engine is unavailable: this OpenSSL has no ENGINE")
+    else:
+        assert step["status"] == "fail", step
 
 
 ENGINE_FROM_CONFIG = """

@@ -13,14 +13,14 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mtls_engine import _backends
+from mtls_engine import _backends, _check
 from mtls_engine._lib import InterpreterFacts
 from mtls_engine._packages import upstream_version
 from mtls_engine._softhsm import KeyKind
@@ -374,3 +374,32 @@ def test_prompts_for_the_pin_on_a_terminal_without_echo(pki: Pki) -> None:
     assert rest, out
     assert pki.card1.pin not in out  # echo was off
     assert "✓ login" in rest and "all checks passed" in rest
+
+
+class _NewerHeaders:
+    """The binding, as if compiled with the headers of the next OpenSSL minor release."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def mtls_built_openssl_number(self) -> int:
+        return int(self._real.OpenSSL_version_num()) + 0x00100000
+
+
+def test_newer_headers_advice_names_the_matching_libssl_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers newer than the running OpenSSL (experimental's OpenSSL 4
+    libssl-dev beside sid's OpenSSL 3): a rebuild would use them again, so
+    the advice is the development package matching Python's libssl."""
+    if _check.BUILT_IN_OPENSSL is not None:
+        pytest.skip("this Python has OpenSSL built in: that warning comes first")
+    monkeypatch.setattr(_check, "lib", _NewerHeaders(_check.lib))
+    st = _check.Step("openssl", "OpenSSL")
+    _check.Checker._openssl(cast(Any, None), st)
+    running = _check._number_version_text(int(_check.lib.OpenSSL_version_num()))
+    assert st.status == "warn" and st.hint is not None
+    assert f"newer than the OpenSSL {running} it runs with: a rebuild picks up the same headers" in st.hint
+    assert "(Debian: the libssl-dev of the same version as the libssl package providing " in st.hint
+    assert st.hint.endswith("then rebuild (pip install --force-reinstall --no-binary mtls_engine mtls_engine)")
