@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -165,9 +166,11 @@ def loaded_libcrypto() -> tuple[str, str]:
     """The libcrypto this process uses (Python's ssl and mtls_engine share
     it): its file and its soname (libcrypto.so.3)."""
     path = text(lib.mtls_library_of(lib.mtls_own_symbol(b"OpenSSL_version_num")))
+    name = os.path.basename(path)
+    if re.fullmatch(r"libcrypto\.so\.\d+", name):
+        return path, name  # its soname, as distributions name the file (no need to read it)
     dynamic = _dynamic(path) if path else None
-    soname = dynamic["soname"][0] if dynamic and dynamic["soname"] else os.path.basename(path)
-    return path, soname
+    return path, dynamic["soname"][0] if dynamic and dynamic["soname"] else name
 
 
 def libcrypto_mismatch(path: str) -> str | None:
