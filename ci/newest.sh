@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole suite in CI mode on Debian's newest platform (run on demand: it
-# takes 15-30 minutes, too slow for every CI run).  As root on a Debian host:
+# takes 10-30 minutes, too slow for every CI run).  As root on a Debian host:
 #   bash ci/newest.sh ROOT [pytest arguments]
 # makes ROOT a Debian sid system with debootstrap (minbase; kept between runs,
-# its packages upgraded), copies this checkout into it (the files git
-# tracks, as they are in the working tree) and runs `CI=true bash ci/test.sh`
+# its packages upgraded), copies this checkout into it (what git tracks
+# or would, as it is in the working tree) and runs `CI=true bash ci/test.sh`
 # there: ci/setup.sh installs the packages and builds .venv with sid's
 # python3, exactly as on a new user's machine.  The versions it ran with are
 # printed first; the exit status is the suite's.
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 ROOT=$(realpath -m "$1")

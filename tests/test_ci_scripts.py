@@ -89,3 +89,16 @@ def test_sanitize_preload_compiles(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True, timeout=30)
     assert " T dlopen" in symbols.stdout, symbols.stdout
+
+
+def test_newest_script_parses_and_explains_itself() -> None:
+    """ci/newest.sh (the on-demand Debian sid run) is valid shell and says
+    what it does without doing anything."""
+    script = ROOT / "ci" / "newest.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The whole suite in CI mode on Debian's newest platform")
+    for needed in ("bash ci/newest.sh ROOT", "debootstrap", "CI=true bash ci/test.sh", "MTLS_NEWEST_MIRROR"):
+        assert needed in proc.stdout, needed
