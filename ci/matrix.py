@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compatibility matrix: every CPython 3.9-3.13 on this machine, both backends.
+"""Compatibility matrix: every CPython 3.9-3.15 on this machine, both backends.
 
 For each interpreter found (pyenv's versions, and the system's
 /usr/bin/python3.N and debug python3.Nd), this builds mtls_engine *for that
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OLDEST, NEWEST = (3, 9), (3, 13)
+OLDEST, NEWEST = (3, 9), (3, 15)  # 3.14 and 3.15: Debian sid's (ci/newest.sh)
 QUICK_TESTS = ("tests/test_handshake.py::test_card_key_handshake", "tests/test_interpreter.py")
 FULL_TESTS = (
     "tests/test_handshake.py",
@@ -198,7 +198,7 @@ def pyenv_default(root: Path | None) -> str | None:
 
 
 def pyenv_candidates(root: Path) -> tuple[list[Interpreter], list[str]]:
-    """CPython 3.9-3.13 builds under <root>/versions, and the names skipped."""
+    """CPython OLDEST-NEWEST builds under <root>/versions, and the names skipped."""
     found: list[Interpreter] = []
     skipped: list[str] = []
     versions = root / "versions"
@@ -209,7 +209,7 @@ def pyenv_candidates(root: Path) -> tuple[list[Interpreter], list[str]]:
             continue
         minor = (int(m.group(1)), int(m.group(2)))
         if not OLDEST <= minor <= NEWEST:
-            skipped.append(f"{d.name} (outside 3.9-3.13)")
+            skipped.append(f"{d.name} (outside {OLDEST[0]}.{OLDEST[1]}-{NEWEST[0]}.{NEWEST[1]})")
             continue
         exe = _first_executable(d / "bin", ["python3", f"python3.{minor[1]}{m.group(3) or ''}", "python"])
         if exe is None:
@@ -220,7 +220,7 @@ def pyenv_candidates(root: Path) -> tuple[list[Interpreter], list[str]]:
 
 
 def system_candidates(dirs: Iterable[Path] = (Path("/usr/bin"), Path("/usr/local/bin"))) -> list[Interpreter]:
-    """python3.N and debug python3.Nd in the system's folders, 3.9-3.13."""
+    """python3.N and debug python3.Nd in the system's folders, OLDEST-NEWEST."""
     found: list[Interpreter] = []
     for d in dirs:
         if not d.is_dir():
@@ -380,10 +380,11 @@ def snapshot_source(dest: Path) -> None:
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, dest / name)
     shutil.copytree(ROOT / "csrc", dest / "csrc", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.o"))
-    (dest / "mtls_engine").mkdir()
-    for p in (ROOT / "mtls_engine").iterdir():
-        if p.suffix == ".py" or p.name == "py.typed":
-            shutil.copy2(p, dest / "mtls_engine" / p.name)
+    # The package with its subpackages (mtls_engine.testing), sources only.
+    shutil.copytree(ROOT / "mtls_engine", dest / "mtls_engine",
+                    ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or n == "py.typed"
+                                                                    or os.path.isdir(os.path.join(d, n)))
+                                             or n == "__pycache__"])  # fmt: skip
 
 
 def snapshot_tests(dest: Path) -> None:
@@ -558,7 +559,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         return 0
     if not chosen:
-        print("== matrix: no CPython 3.9-3.13 interpreter selected; nothing to run")
+        span = f"{OLDEST[0]}.{OLDEST[1]}-{NEWEST[0]}.{NEWEST[1]}"
+        print(f"== matrix: no CPython {span} interpreter selected; nothing to run")
         print("matrix: 0 passed, 0 failed")
         return 0
 

@@ -32,8 +32,28 @@ provider_suite() {
       else echo none; fi ;;
   esac
 }
+# libp11's engine needs OpenSSL's ENGINE API, which OpenSSL 4 removed: on
+# such a system the package is useless (and would pull in OpenSSL 3's libssl).
+# What counts is the OpenSSL of the Python that will run mtls_engine.
+PYTHON=${PYTHON:-python3}
+engine_api() {
+  local major
+  major=$("$PYTHON" -c 'import ssl; print(ssl.OPENSSL_VERSION_INFO[0])' 2>/dev/null || true)
+  if [ -z "$major" ] && command -v openssl >/dev/null 2>&1; then
+    major=$(openssl version 2>/dev/null | sed -n 's/^OpenSSL \([0-9]*\)\..*/\1/p')
+  fi
+  case "$major" in
+    ''|*[!0-9]*) echo yes ;;  # unknown yet (no Python, no openssl): Debian's are OpenSSL 3
+    *) if ((major >= 4)); then echo no; else echo yes; fi ;;
+  esac
+}
 if [ "${1:-}" = "--plan" ]; then
   echo "pkcs11-provider: $(provider_suite)"
+  if [ "$(engine_api)" = yes ]; then
+    echo "libengine-pkcs11-openssl: install"
+  else
+    echo "libengine-pkcs11-openssl: skip (this OpenSSL has no ENGINE API)"
+  fi
   exit 0
 fi
 
@@ -71,15 +91,22 @@ if [ "${1:-}" = "--detect" ]; then
 fi
 
 PACKAGES=(
-  softhsm2 libengine-pkcs11-openssl opensc opensc-pkcs11 gnutls-bin p11-kit p11-kit-modules libp11-kit-dev
+  softhsm2 opensc opensc-pkcs11 gnutls-bin p11-kit p11-kit-modules libp11-kit-dev
   libssl-dev libffi-dev pkg-config gcc openssl curl ca-certificates
+  # Tools the tests use: valgrind (tests/test_memory.py), ss from iproute2
+  # (listen backlogs); a minimal Debian (debootstrap minbase) has neither.
+  valgrind iproute2
   # A TPM 2.0 token for the tests (docs/tokens.md): a software TPM, the
   # resource manager and its TCTI, tpm2-pkcs11 and its tools, dbus-daemon
   # for the resource manager's private bus (names checked with apt-cache on
   # Debian 12).
   swtpm tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus-daemon
 )
-PYTHON=${PYTHON:-python3}
+if [ "$(engine_api)" = yes ]; then
+  PACKAGES+=(libengine-pkcs11-openssl)
+else
+  echo "== skipping libengine-pkcs11-openssl: this OpenSSL has no ENGINE API (the provider backend is used)"
+fi
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   PACKAGES+=(python3 python3-venv python3-dev)
   PYTHON=python3

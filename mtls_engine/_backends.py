@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 from . import _fork
 from ._config import provider_section
@@ -159,7 +160,56 @@ def provider_status() -> tuple[bool, str]:
             "apt-get install pkcs11-provider; Debian 12: from bookworm-backports) and point "
             "MTLS_ENGINE_PKCS11_PROVIDER at its pkcs11.so, or use the engine backend"
         )
+    mismatch = libcrypto_mismatch(path)
+    if mismatch:
+        return False, mismatch
     return True, path
+
+
+def loaded_libcrypto() -> tuple[str, str]:
+    """The libcrypto this process uses (Python's ssl and mtls_engine share
+    it): its file and its soname (libcrypto.so.3)."""
+    path = text(lib.mtls_library_of(lib.mtls_own_symbol(b"OpenSSL_version_num")))
+    name = os.path.basename(path)
+    if re.fullmatch(r"libcrypto\.so\.\d+", name):
+        return path, name  # its soname, as distributions name the file (no need to read it)
+    dynamic = _dynamic(path) if path else None
+    return path, dynamic["soname"][0] if dynamic and dynamic["soname"] else name
+
+
+def libcrypto_mismatch(path: str) -> str | None:
+    """Why the provider in ``path`` cannot be used when it is linked against
+    another libcrypto than this process's (None when it is not): loaded, it
+    would bring a second OpenSSL into the process, whose own console PIN
+    prompt bypasses mtls_engine's PIN handling."""
+    dynamic = _dynamic(path)
+    theirs = [n for n in (dynamic or {}).get("needed", []) if n.startswith("libcrypto.so")]
+    ours_path, ours = loaded_libcrypto()
+    if not theirs or ours in theirs or not ours.startswith("libcrypto.so"):
+        return None
+    version = text(lib.OpenSSL_version(0))
+    return (
+        f"the provider {path} is linked against {theirs[0]}, but Python's ssl uses {ours} ({version}, "
+        f"{ours_path}): loading it would put a second OpenSSL in this process (whose console PIN prompt "
+        f"bypasses mtls_engine); install a pkcs11-provider built for {version} (Debian: the "
+        f"pkcs11-provider package of the release that ships {ours}) and set MTLS_ENGINE_PKCS11_PROVIDER "
+        f"to its pkcs11.so, or use a Python whose ssl links {theirs[0]}"
+    )
+
+
+def _dynamic(path: str) -> dict[str, list[str]] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _dynamic_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _dynamic_of(path: str, mtime: int, size: int) -> dict[str, list[str]] | None:
+    from ._packages import elf_dynamic  # the provider's only
+
+    return elf_dynamic(path)
 
 
 # Each backend's availability: (True, path) or (False, why not).

@@ -288,9 +288,11 @@ class Checker:
         elif lib.mtls_built_openssl_number() > lib.OpenSSL_version_num():
             st.warn(
                 summary,
-                f"mtls_engine was compiled with the headers of OpenSSL {built_with}, newer than the OpenSSL it runs "
-                f"with; rebuild it with this Python (pip install --force-reinstall --no-binary mtls_engine "
-                "mtls_engine)",
+                f"mtls_engine was compiled with the headers of OpenSSL {built_with}, newer than the OpenSSL "
+                f"{_number_version_text(lib.OpenSSL_version_num())} it runs with: a rebuild picks up the same "
+                "headers, so first install the OpenSSL development headers matching the libssl Python's ssl "
+                "uses (Debian: the libssl-dev of the same version as the libssl package providing "
+                f"{libssl}), then rebuild (pip install --force-reinstall --no-binary mtls_engine mtls_engine)",
                 **facts,
             )
         else:
@@ -304,7 +306,13 @@ class Checker:
         self.chosen, reason = _backends.choose(self.backend)
         st.facts.update(chosen=self.chosen, reason=reason)
         found = "; ".join(f"{n}: {_described(n, status[n])}" for n in ("engine", "provider"))
-        missing = [f"{n}: {s['detail']}" for n, s in status.items() if not s["available"]]
+        # Where OpenSSL has no ENGINE API (OpenSSL 4), the provider is the
+        # only backend there can be: nothing to install, nothing to warn of.
+        missing = [
+            f"{n}: {s['detail']}"
+            for n, s in status.items()
+            if not s["available"] and (n != "engine" or lib.MTLS_HAS_ENGINE)
+        ]
         if missing:
             st.warn(f"using {reason}; {found}", "only one backend is available; " + "; ".join(missing))
         else:
@@ -746,9 +754,19 @@ def _provider_facts() -> dict[str, Any]:
     if path is None:
         facts.update(implementation=None, params=None, package=None, version=None)
         return facts
+    mismatch = _backends.libcrypto_mismatch(path)
+    if mismatch:
+        # Not loaded, not even to ask its name: it would bring a second
+        # libcrypto into this process.
+        pkg = _packages.package_of(path)
+        facts.update(implementation=_backends.provider_implementation(path, None, pkg), params=None,
+                     package=pkg.as_json() if pkg else None, version=pkg.upstream if pkg else None,
+                     libcrypto_mismatch=mismatch)  # fmt: skip
+        return facts
     params = _backends.describe_provider(path)
     pkg = _packages.package_of(path)
     facts.update(
+        libcrypto_mismatch=None,
         implementation=_backends.provider_implementation(path, params["name"] if params else None, pkg),
         params=params,
         package=pkg.as_json() if pkg else None,

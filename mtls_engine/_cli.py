@@ -144,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status.  A reader that goes away before the
     output is written ends the command quietly (no traceback)."""
     try:
-        return _main(argv)
+        status = _main(argv)
+        # Flushed here, not at exit: CPython 3.14's larger buffer (128 KiB)
+        # holds a whole `check --json` until the interpreter's own flush,
+        # which would report the closed pipe as "Exception ignored".
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:
         _silence_stdout()
         return BROKEN_PIPE_STATUS

@@ -80,6 +80,48 @@ def elf_package_note(path: str) -> dict[str, str] | None:
     return None
 
 
+def elf_dynamic(path: str) -> dict[str, list[str]] | None:
+    """The DT_NEEDED and DT_SONAME names of a 64- or 32-bit little-endian
+    ELF shared object (``{"needed": [...], "soname": [...]}``), or None when
+    it cannot be read as one."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_ELF)
+    except OSError:
+        return None
+    if data[:4] != b"\x7fELF" or data[5:6] != b"\x01":
+        return None
+    wide = data[4:5] == b"\x02"
+    try:
+        if wide:
+            (shoff,) = struct.unpack_from("<Q", data, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+            fmt, entry = "<IIQQQQIIQQ", "<qQ"
+        else:
+            (shoff,) = struct.unpack_from("<I", data, 0x20)
+            shentsize, shnum = struct.unpack_from("<HH", data, 0x2E)
+            fmt, entry = "<IIIIIIIIII", "<iI"
+        sections = [struct.unpack_from(fmt, data, shoff + i * shentsize) for i in range(shnum)]
+        for sec in sections:
+            if sec[1] != 6:  # SHT_DYNAMIC; its sh_link is the string table
+                continue
+            strtab = sections[sec[6]][4]
+            found: dict[str, list[str]] = {"needed": [], "soname": []}
+            size = struct.calcsize(entry)
+            for pos in range(sec[4], sec[4] + sec[5], size):
+                tag, value = struct.unpack_from(entry, data, pos)
+                if tag == 0:  # DT_NULL
+                    break
+                if tag in (1, 14):  # DT_NEEDED, DT_SONAME
+                    start = strtab + value
+                    name = data[start : data.index(b"\0", start)].decode("utf-8", "replace")
+                    found["needed" if tag == 1 else "soname"].append(name)
+            return found
+    except (struct.error, IndexError, ValueError):
+        return None
+    return {"needed": [], "soname": []}
+
+
 def _parse_notes(notes: bytes) -> dict[str, str] | None:
     pos = 0
     while pos + 12 <= len(notes):

@@ -717,3 +717,13 @@ def test_half_close_without_close_notify(files: tuple[ssl.SSLContext, ssl.SSLCon
 def test_server_hostname_is_needed_without_a_host(files: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
     with pytest.raises(ValueError, match="server_hostname"):
         asyncio.run(aio.open_connection(sock=None, ssl=files[0]))
+
+
+def test_alert_texts_compare_by_code_and_alert_across_openssl_wordings() -> None:
+    """OpenSSL 3.0, 3.5 and 4.0 word an SSLV3_ALERT_* reason differently;
+    the reason code and the alert it names must still match."""
+    expected = "[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] sslv3 alert handshake failure"
+    for words in ("sslv3", "ssl/tls", "tls"):
+        assert same_alert_text(f"[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] {words} alert handshake failure", expected)
+    assert not same_alert_text("[SSL: SSLV3_ALERT_BAD_CERTIFICATE] tls alert bad certificate", expected)
+    assert not same_alert_text("[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] tls alert bad certificate", expected)

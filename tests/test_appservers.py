@@ -34,7 +34,7 @@ from mtls_engine._softhsm import CA, KeyKind
 
 from . import p11shim
 from .appservers import SERVERS, Running, command, free_port, start, write_snippets
-from .conftest import BACKEND_STATUS, SHIM_PIN, TEST_PIN, Pki, ShimCard, need
+from .conftest import BACKEND_STATUS, SHIM_PIN, TEST_PIN, Pki, ShimCard, need, need_backend
 from .helpers import ROOT, run_python
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -148,8 +148,7 @@ def server_env(pki: Pki, crl: Path, where: str, token_server_cert: Path) -> dict
     if where == "file":
         env.update(SERVER_CERT=str(pki.server_cert), SERVER_KEY=str(pki.server_key))
     else:
-        ok, why = BACKEND_STATUS[where]()
-        need(ok, why)
+        need_backend(where)
         env.update(SERVER_CERT=str(token_server_cert), SERVER_KEY=pki.key_uri(KeyKind.P256, pki.card2),
                    SERVER_PIN=pki.card2.pin, SERVER_BACKEND=where)  # fmt: skip
     return env
@@ -272,8 +271,7 @@ def test_gunicorn_workers_sign_with_the_token_key(
     running: list[Running],
 ) -> None:  # fmt: skip
     need_server("gunicorn")
-    ok, why = BACKEND_STATUS[backend_name]()
-    need(ok, why)
+    need_backend(backend_name)
     env = {**shim_card.env(tmp_path / "shim"), "CLIENT_CA": str(pki.ca_file), "CRL": str(clients.crl),
            "MTLS_ENGINE_MODULE": str(shim_card.shim), "SERVER_CERT": str(shim_server_cert),
            "SERVER_KEY": shim_card.key_uri, "SERVER_PIN": SHIM_PIN, "SERVER_BACKEND": backend_name}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import ssl
@@ -15,13 +16,13 @@ import mtls_engine
 from mtls_engine._backends import choose, provider_status
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import BACKEND_STATUS, Pki, need
+from .conftest import Pki, engine_api, need, need_backend
 from .helpers import ROOT, run_python
 from .servers import echo_server, server_context, talk
 
 
 def test_auto_prefers_the_engine_and_says_why(pki: Pki, backend: str) -> None:
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     info = mtls_engine.load_card_key(ctx, pki.key_uri(KeyKind.P256), module=pki.module, pin=pki.card1.pin)
     assert info.backend == "engine"
@@ -38,7 +39,8 @@ def test_auto_falls_back_to_the_provider(pki: Pki, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MTLS_ENGINE_PKCS11_ENGINE", str(tmp_path / "no-engine.so"))
     name, reason = choose("auto")
     assert name == "provider"
-    assert reason.startswith("provider (auto: the engine is unavailable: libp11's pkcs11 engine is not installed")
+    engine_why = "libp11's pkcs11 engine is not installed" if engine_api() else "this OpenSSL has no ENGINE API"
+    assert reason.startswith(f"provider (auto: the engine is unavailable: {engine_why}")
     srv = server_context(pki.server_cert, pki.server_key, pki.ca_file)
     ctx = mtls_engine.client_context(key=pki.key_uri(KeyKind.P384), cafile=pki.ca_file, module=pki.module,
                                      pin=pki.card1.pin)  # fmt: skip
@@ -52,7 +54,8 @@ def test_backend_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     with pytest.raises(mtls_engine.BackendUnavailable, match=r"backend 'provider' is unavailable: pkcs11-provider is "
                        r"not installed \(.*nothing.so does not exist\); install it"):  # fmt: skip
         choose("provider")
-    with pytest.raises(mtls_engine.BackendUnavailable, match="no backend is available; engine: libp11's pkcs11 engine"):
+    engine_why = "libp11's pkcs11 engine" if engine_api() else "this OpenSSL has no ENGINE API"
+    with pytest.raises(mtls_engine.BackendUnavailable, match=f"no backend is available; engine: {engine_why}"):
         choose("auto")
 
 
@@ -149,7 +152,7 @@ def test_engine_serves_a_second_module_in_the_same_process(pki: Pki, spy: str, t
     """OpenSSL 3 lets one engine library back one ENGINE at a time (a second
     load of pkcs11.so fails with "init failed"): the second module's engine
     instance comes from a private copy of the library, and both sign."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     proc = run_python(
         ENGINE_TWO_MODULES,
         env={"T_MODULE": pki.module, "T_OTHER": spy, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
@@ -202,7 +205,7 @@ def test_the_engine_reaches_its_module_through_mtls_engine(pki: Pki) -> None:
     retire (libp11 closes its sessions and finalises the module: on
     SoftHSM2, loaded directly, a module the whole process shares) leaves
     the current instance and mtls_engine's own sessions working."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     rounds = 70
     proc = run_python(
         ENGINE_MODULE_THROUGH_MTLS,
@@ -261,7 +264,7 @@ def test_a_retired_engine_instance_lives_as_long_as_its_key(pki: Pki) -> None:
     key is still held (here: a reference like a connection's) stays alive
     and signs, while the instances between it and the current one are
     freed; once the key is gone, the next reconnection frees it too."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     proc = run_python(
         ENGINE_RETIRED_KEY_IN_USE,
         env={"T_MODULE": pki.module, "T_URI": pki.key_uri(KeyKind.P256), "T_PIN": pki.card1.pin,
@@ -325,6 +328,18 @@ def test_build_without_engine_api(tmp_path: Path) -> None:
         assert lines[2] == "provider"
     else:
         assert lines[2].startswith("BackendUnavailable: no backend is available; engine: this OpenSSL has no ENGINE")
+    # check: with no ENGINE API the provider is the only backend there can
+    # be, so having only it is no warning.
+    env.pop("MTLS_ENGINE_MODULE", None)
+    check = subprocess.run([sys.executable, "-m", "mtls_engine", "check", "--json"], capture_output=True, text=True,
+                           timeout=120, env=env, cwd=str(tmp_path))  # fmt: skip
+    step = {s["id"]: s for s in json.loads(check.stdout)["steps"]}["backends"]
+    assert step["facts"]["engine"]["available"] is False, step
+    if provider_status()[0]:
+        assert (step["status"], step["hint"]) == ("ok", None), step
+        assert step["summary"].startswith("using provider (auto: the engine is unavailable: this OpenSSL has no ENGINE")
+    else:
+        assert step["status"] == "fail", step
 
 
 ENGINE_FROM_CONFIG = """
@@ -347,7 +362,7 @@ def test_engine_already_loaded_by_openssl_cnf(pki: Pki, tmp_path: Path) -> None:
     """A user's openssl.cnf that loads libp11's engine: a second engine
     instance cannot start, so the engine backend says why and auto takes the
     provider."""
-    need(BACKEND_STATUS["engine"]()[0], "the engine backend")
+    need_backend("engine")
     need(provider_status()[0], provider_status()[1])
     cnf = tmp_path / "engine.cnf"
     made = subprocess.run(

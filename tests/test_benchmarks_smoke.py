@@ -18,7 +18,7 @@ import pytest
 from mtls_engine import _softhsm
 from mtls_engine._backends import BACKENDS, STATUS
 
-from .conftest import need, spy_module
+from .conftest import need, need_backend, spy_module
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +117,7 @@ def test_results_are_well_formed(quick: tuple[subprocess.CompletedProcess[str], 
 def test_one_signature_and_nothing_else_per_handshake(
     quick: tuple[subprocess.CompletedProcess[str], dict[str, Any], Path], backend: str, clients: int
 ) -> None:
-    ok, why = STATUS[backend]()
-    need(ok, why)
+    need_backend(backend)
     need(spy_module() is not None, "pkcs11-spy.so (Debian: opensc-pkcs11) counts PKCS#11 calls")
     _, result, _ = quick
     calls = result["calls"]

@@ -13,18 +13,19 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mtls_engine import _backends, _check
 from mtls_engine._lib import InterpreterFacts
 from mtls_engine._packages import upstream_version
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import Pki, need
+from .conftest import Pki, need, need_backend
 from .helpers import ROOT
 from .servers import echo_server, server_context
 
@@ -119,25 +120,35 @@ def test_openssl_step_reports_the_interpreter(pki: Pki, pin_file: Path) -> None:
 
 
 def test_backends_step_says_what_each_backend_is(pki: Pki, pin_file: Path) -> None:
-    """On Debian 12 and 13: libp11's engine with libp11's version from dpkg,
-    pkcs11-provider 1.0 with its version from its ELF package note."""
+    """libp11's engine with libp11's version from dpkg (where OpenSSL has
+    an ENGINE API), pkcs11-provider with its version from its ELF package
+    note; the versions are those installed here."""
     _, _, steps = check(pki, pin_file, "--key", pki.key_uri(KeyKind.P256))
     facts = steps["backends"]["facts"]
     engine, provider = facts["engine"], facts["provider"]
-    need(engine["available"] and provider["available"], "both backends installed")
+    need_backend("provider")
+    assert provider["available"]
+    summary = steps["backends"]["summary"]
+    provider_version = _dpkg_upstream("pkcs11-provider")
+    need(provider_version is not None, "dpkg knows pkcs11-provider")
+    assert provider["implementation"] == "pkcs11-provider"
+    assert provider["version"] == provider_version
+    assert provider["package"]["source"] == "elf-note"
+    assert provider["path"] == os.path.join(_backends.modules_dir(), "pkcs11.so")
+    # libp11's own provider: in sid (libp11 0.4.21), not in Debian 12 or 13
+    libp11_provider = os.path.join(_backends.modules_dir(), "pkcs11prov.so")
+    libp11_prov = libp11_provider if os.path.exists(libp11_provider) else None
+    assert provider["installed"] == {"pkcs11-provider": provider["path"], "libp11": libp11_prov}
+    assert provider["params"]["name"] == "PKCS#11 Provider"
+    assert f"provider: pkcs11-provider {provider_version} ({provider['path']})" in summary
+    need_backend("engine")
+    assert engine["available"]
     libp11 = _dpkg_upstream("libengine-pkcs11-openssl")
     assert engine["implementation"] == "libp11" and engine["libp11_version"] == libp11
-    assert engine["path"] == engine["detail"] and engine["path"].endswith("/engines-3/pkcs11.so")
+    assert engine["path"] == engine["detail"] == os.path.join(_backends.engines_dir(), "pkcs11.so")
     assert engine["package"] == {"name": "libengine-pkcs11-openssl", "version": engine["package"]["version"],
                                  "upstream": libp11, "source": "dpkg"}  # fmt: skip
-    assert provider["implementation"] == "pkcs11-provider"
-    assert provider["version"] == _dpkg_upstream("pkcs11-provider") == "1.0"
-    assert provider["package"]["source"] == "elf-note"
-    assert provider["path"].endswith("/ossl-modules/pkcs11.so")
-    assert provider["installed"] == {"pkcs11-provider": provider["path"], "libp11": None}
-    assert provider["params"]["name"] == "PKCS#11 Provider"
-    summary = steps["backends"]["summary"]
-    assert f"engine: libp11 {libp11} ({engine['path']}); provider: pkcs11-provider 1.0 ({provider['path']})" in summary
+    assert f"engine: libp11 {libp11} ({engine['path']}); provider: pkcs11-provider {provider_version}" in summary
 
 
 def test_text_output_marks_each_step(pki: Pki, pin_file: Path) -> None:
@@ -363,3 +374,32 @@ def test_prompts_for_the_pin_on_a_terminal_without_echo(pki: Pki) -> None:
     assert rest, out
     assert pki.card1.pin not in out  # echo was off
     assert "✓ login" in rest and "all checks passed" in rest
+
+
+class _NewerHeaders:
+    """The binding, as if compiled with the headers of the next OpenSSL minor release."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def mtls_built_openssl_number(self) -> int:
+        return int(self._real.OpenSSL_version_num()) + 0x00100000
+
+
+def test_newer_headers_advice_names_the_matching_libssl_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers newer than the running OpenSSL (experimental's OpenSSL 4
+    libssl-dev beside sid's OpenSSL 3): a rebuild would use them again, so
+    the advice is the development package matching Python's libssl."""
+    if _check.BUILT_IN_OPENSSL is not None:
+        pytest.skip("this Python has OpenSSL built in: that warning comes first")
+    monkeypatch.setattr(_check, "lib", _NewerHeaders(_check.lib))
+    st = _check.Step("openssl", "OpenSSL")
+    _check.Checker._openssl(cast(Any, None), st)
+    running = _check._number_version_text(int(_check.lib.OpenSSL_version_num()))
+    assert st.status == "warn" and st.hint is not None
+    assert f"newer than the OpenSSL {running} it runs with: a rebuild picks up the same headers" in st.hint
+    assert "(Debian: the libssl-dev of the same version as the libssl package providing " in st.hint
+    assert st.hint.endswith("then rebuild (pip install --force-reinstall --no-binary mtls_engine mtls_engine)")

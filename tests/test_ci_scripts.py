@@ -37,7 +37,30 @@ def test_pkcs11_provider_suite_follows_debian_version(tmp_path: Path, debian_ver
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"pkcs11-provider: {suite}"
+    assert proc.stdout.splitlines()[0] == f"pkcs11-provider: {suite}"
+
+
+@pytest.mark.parametrize(
+    ("openssl_major", "plan"),
+    [("3", "install"), ("1", "install"), ("4", "skip (this OpenSSL has no ENGINE API)")],
+)
+def test_libp11_engine_is_skipped_where_openssl_has_no_engine_api(
+    tmp_path: Path, openssl_major: str, plan: str
+) -> None:
+    """The set-up script asks the Python that will run mtls_engine which
+    OpenSSL it has; on OpenSSL 4 it leaves libp11's engine out."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {openssl_major}\n")
+    python.chmod(0o755)
+    version_file = tmp_path / "debian_version"
+    version_file.write_text("forky/sid\n")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "ci" / "setup.sh"), "--plan"],
+        env={"PATH": "/usr/bin:/bin", "MTLS_DEBIAN_VERSION_FILE": str(version_file), "PYTHON": str(python)},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["pkcs11-provider: main", f"libengine-pkcs11-openssl: {plan}"]
 
 
 def test_sanitize_script_parses_and_explains_itself() -> None:
@@ -66,3 +89,16 @@ def test_sanitize_preload_compiles(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True, timeout=30)
     assert " T dlopen" in symbols.stdout, symbols.stdout
+
+
+def test_newest_script_parses_and_explains_itself() -> None:
+    """ci/newest.sh (the on-demand Debian sid run) is valid shell and says
+    what it does without doing anything."""
+    script = ROOT / "ci" / "newest.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The whole suite in CI mode on Debian's newest platform")
+    for needed in ("bash ci/newest.sh ROOT", "debootstrap", "CI=true bash ci/test.sh", "MTLS_NEWEST_MIRROR"):
+        assert needed in proc.stdout, needed

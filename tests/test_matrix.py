@@ -71,7 +71,7 @@ def test_pyenv_versions_found_and_skipped(pyenv_root: Path) -> None:
     assert [i.label for i in found] == ["3.9.18", "3.11.7", "3.12.1-debug", "3.13.0", "3.13.0t"]
     assert found[-1].executable.endswith("3.13.0t/bin/python3.13t")
     assert sorted(skipped) == sorted([
-        "2.7.18 (outside 3.9-3.13)", "3.8.18 (outside 3.9-3.13)", "3.10.13 (no python executable)",
+        "2.7.18 (outside 3.9-3.15)", "3.8.18 (outside 3.9-3.15)", "3.10.13 (no python executable)",
         "pypy3.10-7.3.17 (not CPython)",
     ])  # fmt: skip
 
@@ -85,10 +85,10 @@ def test_pyenv_root_from_environment_and_home(tmp_path: Path, pyenv_root: Path) 
 
 
 def test_system_pythons(tmp_path: Path) -> None:
-    for name in ("python3", "python3.11", "python3.11d", "python3.8", "python3.14", "python3.11-config"):
+    for name in ("python3", "python3.11", "python3.11d", "python3.8", "python3.15", "python3.16", "python3.11-config"):
         fake_python(tmp_path / name, "3.11.2")
     found = matrix.system_candidates([tmp_path, tmp_path / "missing"])
-    assert [i.label for i in found] == ["python3.11-system", "python3.11d-system"]
+    assert [i.label for i in found] == ["python3.11-system", "python3.11d-system", "python3.15-system"]
 
 
 def _probed(pyenv_root: Path) -> list[object]:
@@ -104,7 +104,7 @@ def test_probe_and_build_names(pyenv_root: Path) -> None:
     assert by_label["3.12.1-debug"].build == "debug+trace-refs"
     assert by_label["3.13.0t"].build == "free-threaded" and by_label["3.13.0t"].expect_refusal
     assert by_label["3.9.18"].build == "release" and not by_label["3.9.18"].expect_refusal
-    assert matrix.missing_minors(by_label.values()) == ["3.10"]
+    assert matrix.missing_minors(by_label.values()) == ["3.10", "3.14", "3.15"]
 
 
 def test_ci_selection_is_oldest_newest_and_default(pyenv_root: Path) -> None:
@@ -284,3 +284,15 @@ def test_ci_scripts_hard_code_no_library_folder() -> None:
         text = (ROOT / "ci" / script).read_text()
         for folder in ("x86_64-linux-gnu", "aarch64-linux-gnu", "/usr/lib/", "/usr/lib64", "engines-3", "ossl-modules"):
             assert folder not in text, f"ci/{script} hard-codes {folder}"
+
+
+def test_source_snapshot_has_the_subpackages_and_no_build(tmp_path: Path) -> None:
+    """What the matrix builds from: every module of the package, its
+    subpackages included (mtls_engine.testing), and nothing compiled."""
+    dest = tmp_path / "src"
+    matrix.snapshot_source(dest)
+    sources = [p for p in (ROOT / "mtls_engine").rglob("*.py") if "__pycache__" not in p.parts]
+    wanted = {p.relative_to(ROOT).as_posix() for p in sources}
+    got = {p.relative_to(dest).as_posix() for p in (dest / "mtls_engine").rglob("*") if p.is_file()}
+    assert "mtls_engine/testing/__init__.py" in wanted
+    assert got == wanted | {"mtls_engine/py.typed"}

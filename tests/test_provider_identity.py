@@ -30,9 +30,9 @@ import mtls_engine
 from mtls_engine import _backends
 from mtls_engine._check import _number_version_text
 from mtls_engine._lib import lib
-from mtls_engine._packages import elf_package_note, package_of, upstream_version
+from mtls_engine._packages import elf_dynamic, elf_package_note, package_of, upstream_version
 
-from .conftest import need
+from .conftest import Pki, engine_api, need, need_backend
 from .helpers import ROOT
 
 # Answers as libp11's provider.c does: name = the name the core loaded it
@@ -149,30 +149,41 @@ def test_the_real_pkcs11_provider() -> None:
     need(ok, path)
     params = _backends.describe_provider(path)
     assert params is not None
-    # pkcs11-provider's fixed name; its "version" is the OpenSSL it was built
-    # with (3.0.16 on Debian 12, 3.5.0 on Debian 13), the same as buildinfo.
+    # pkcs11-provider's fixed name.
     assert params["name"] == "PKCS#11 Provider"
-    assert re.fullmatch(r"3\.\d+\.\d+", params["version"]) and params["buildinfo"] == params["version"]
     pkg = package_of(path)
     assert _backends.provider_implementation(path, params["name"], pkg) == "pkcs11-provider"
     dpkg = _dpkg_version("pkcs11-provider")
     need(dpkg is not None, "dpkg knows pkcs11-provider")
-    assert pkg is not None and (pkg.name, pkg.version, pkg.upstream) == ("pkcs11-provider", dpkg, "1.0")
+    assert dpkg is not None
+    assert pkg is not None and (pkg.name, pkg.version, pkg.upstream) == (
+        "pkcs11-provider",
+        dpkg,
+        upstream_version(dpkg),
+    )
+    if pkg.upstream == "1.0":
+        # 1.0's "version" is the OpenSSL it was built with (3.0.16 on Debian
+        # 12, 3.5.0 on Debian 13), the same as buildinfo.
+        assert re.fullmatch(r"3\.\d+\.\d+", params["version"]) and params["buildinfo"] == params["version"]
+    else:
+        # Later releases give their own version (1.3.0 for Debian sid's 1.3.0).
+        assert re.sub(r"(\.0)+$", "", params["version"]) == re.sub(r"(\.0)+$", "", pkg.upstream), (params, pkg)
     # Debian's pkcs11-provider carries the ELF package note (read without dpkg).
     note = elf_package_note(path)
     assert note is not None and (note["name"], note["version"]) == ("pkcs11-provider", dpkg)
 
 
 def test_the_real_libp11_engine() -> None:
+    need_backend("engine")
     path = _backends.engine_path()
-    need(path is not None, "libp11's engine")
     assert path is not None
     dpkg = _dpkg_version("libengine-pkcs11-openssl")
     need(dpkg is not None, "dpkg knows libengine-pkcs11-openssl")
     assert elf_package_note(path) is None  # Debian 12 and 13 build it without one: dpkg tells
     pkg = package_of(path)
     assert pkg is not None and (pkg.name, pkg.version, pkg.source) == ("libengine-pkcs11-openssl", dpkg, "dpkg")
-    assert re.fullmatch(r"0\.4\.1[2-9]", pkg.upstream)  # 0.4.12 on Debian 12, 0.4.13 on Debian 13
+    assert pkg.upstream == upstream_version(dpkg)  # 0.4.12 on Debian 12, 0.4.13 on Debian 13, 0.4.21 on sid
+    assert re.fullmatch(r"0\.4\.\d+", pkg.upstream)
 
 
 def test_libp11_provider_is_told_by_its_file_name(stand_ins: dict[str, str]) -> None:
@@ -244,7 +255,10 @@ def test_check_reports_libp11s_provider(stand_ins: dict[str, str], which: str) -
         assert facts["version"] == "0.4.16" and facts["package"]["source"] == "elf-note"
     else:
         assert facts["version"] is None and facts["package"] is None
-    assert f"provider: libp11{' 0.4.16' if which == 'renamed' else ''} ({path})" in step["summary"]  # type: ignore[operator]
+    if engine_api():
+        assert f"provider: libp11{' 0.4.16' if which == 'renamed' else ''} ({path})" in step["summary"]  # type: ignore[operator]
+    else:  # no backend at all: the step fails, saying why for each
+        assert step["status"] == "fail" and f"provider: {path} is libp11's own provider" in step["summary"]  # type: ignore[operator]
 
 
 def test_upstream_versions() -> None:
@@ -253,3 +267,99 @@ def test_upstream_versions() -> None:
     assert upstream_version("1:2.6.1-3") == "2.6.1"
     assert upstream_version("1.0") == "1.0"
     assert upstream_version("1.0-1.fc40") == "1.0"
+
+
+# A provider linked against another libcrypto than this process's (as
+# Debian's pkcs11-provider, linked to libcrypto.so.3, is to an OpenSSL 4
+# process): its DT_NEEDED names libcrypto.so.4 from a folder of its own,
+# whose library says so on stderr if anything ever loads it.
+_OTHER_LIBCRYPTO = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void loaded(void) { fputs("OTHER LIBCRYPTO LOADED\n", stderr); }
+"""
+
+
+def _libcrypto_in_this_process() -> str:
+    """The file name of the libcrypto mapped into this process (libcrypto.so.3)."""
+    with open("/proc/self/maps") as maps:
+        names = {os.path.basename(line.split()[-1]) for line in maps if "/libcrypto.so" in line}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+@pytest.fixture(scope="module")
+def other_libcrypto_provider(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(the stand-in provider, its folder of libraries)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    need(cc is not None, "a C compiler (Debian: gcc) builds the stand-in providers")
+    assert cc is not None
+    folder = tmp_path_factory.mktemp("other-libcrypto")
+    libdir = folder / "lib"
+    libdir.mkdir()
+    ours = _libcrypto_in_this_process()
+    other = "libcrypto.so.4" if ours != "libcrypto.so.4" else "libcrypto.so.3"
+    (folder / "other.c").write_text(_OTHER_LIBCRYPTO)
+    subprocess.run([cc, "-shared", "-fPIC", f"-Wl,-soname,{other}", "-o", str(libdir / other), str(folder / "other.c")],
+                   check=True)  # fmt: skip
+    src = folder / "pkcs11.c"
+    src.write_text(_STAND_IN)
+    out = folder / "pkcs11.so"
+    link = ["-Wl,--no-as-needed", f"-L{libdir}", f"-l:{other}", f"-Wl,-rpath,{libdir}"]
+    subprocess.run([cc, "-shared", "-fPIC", '-DFIXED_NAME="PKCS#11 Provider"', "-o", str(out), str(src), *link],
+                   check=True)  # fmt: skip
+    return str(out), other
+
+
+def test_the_provider_backend_refuses_a_provider_linked_to_another_libcrypto(
+    other_libcrypto_provider: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, other = other_libcrypto_provider
+    assert other in (elf_dynamic(path) or {}).get("needed", [])
+    ours = _libcrypto_in_this_process()
+    monkeypatch.setenv("MTLS_ENGINE_PKCS11_PROVIDER", path)
+    with pytest.raises(mtls_engine.BackendUnavailable) as e:
+        _backends.choose("provider")
+    message = str(e.value)
+    assert message.startswith(f"backend 'provider' is unavailable: the provider {path} is linked against {other}, "
+                              f"but Python's ssl uses {ours} ({ssl.OPENSSL_VERSION}, ")  # fmt: skip
+    assert f"install a pkcs11-provider built for {ssl.OPENSSL_VERSION}" in message
+    assert "MTLS_ENGINE_PKCS11_PROVIDER" in message
+    assert _libcrypto_in_this_process() == ours  # nothing loaded it
+
+
+MIXED_LOAD = """
+import ssl, sys, mtls_engine
+try:
+    mtls_engine.load_card_key(ssl.create_default_context(), "pkcs11:object=x", module=sys.argv[1],
+                              backend=sys.argv[2])
+except mtls_engine.Error as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_provider_linked_to_another_libcrypto_is_never_loaded(
+    other_libcrypto_provider: tuple[str, str], pki: Pki
+) -> None:
+    """Neither the provider backend nor ``check`` loads it (no second
+    OpenSSL, no console PIN prompt); ``check`` names both libraries."""
+    path, other = other_libcrypto_provider
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MTLS_ENGINE_PKCS11_PROVIDER": path}
+    proc = subprocess.run([sys.executable, "-c", MIXED_LOAD, pki.module, "provider"], capture_output=True,
+                          text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"BackendUnavailable backend 'provider' is unavailable: the provider {path} is "
+                                  f"linked against {other}"), proc.stdout  # fmt: skip
+    assert "OTHER LIBCRYPTO LOADED" not in proc.stderr and "PIN" not in proc.stderr, proc.stderr
+    env.pop("MTLS_ENGINE_MODULE", None)
+    check = subprocess.run([sys.executable, "-m", "mtls_engine", "check", "--json"], capture_output=True, text=True,
+                           env=env, timeout=120)  # fmt: skip
+    assert "OTHER LIBCRYPTO LOADED" not in check.stderr and "PIN" not in check.stderr, check.stderr
+    step = {s["id"]: s for s in json.loads(check.stdout)["steps"]}["backends"]
+    facts = step["facts"]["provider"]
+    assert facts["path"] == path and facts["available"] is False and facts["params"] is None
+    assert facts["detail"] == facts["libcrypto_mismatch"]
+    assert f"is linked against {other}, but Python's ssl uses {_libcrypto_in_this_process()}" in facts["detail"]
+    if not engine_api():
+        assert step["status"] == "fail"
+    else:
+        assert step["status"] == "warn" and facts["detail"] in step["hint"]

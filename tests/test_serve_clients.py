@@ -24,10 +24,9 @@ from typing import Any
 import pytest
 
 import mtls_engine
-from mtls_engine._backends import STATUS
 from mtls_engine._softhsm import KeyKind
 
-from .conftest import TEST_PIN, Pki, need
+from .conftest import TEST_PIN, Pki, need, need_backend
 from .helpers import ROOT
 from .test_serve import Client, Serve, file_server_args, make_client, no_pin, serve
 
@@ -138,8 +137,7 @@ def s_client_key_args(pki: Pki, source: KeySource, pin_file: Path, work: Path) -
     env = dict(os.environ)
     if source.backend is None:
         return ["-key", source.key], env
-    ok, why = STATUS[source.backend]()
-    need(ok, why)
+    need_backend(source.backend)
     cnf = work / f"openssl-{source.backend}.cnf"
     proc = subprocess.run(
         [sys.executable, "-m", "mtls_engine", "config", "--module", pki.module, "--backend", source.backend,

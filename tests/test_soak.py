@@ -17,7 +17,7 @@ import pytest
 
 from mtls_engine._backends import STATUS
 
-from .conftest import need
+from .conftest import available_backends, need, need_backend
 from .helpers import ROOT
 
 # Bytes of resident memory per handshake (and per context made, used and
@@ -47,7 +47,7 @@ def _flat(phase: dict[str, Any], bound: int) -> None:
 def test_handshakes_and_recreated_contexts_do_not_leak(tmp_path: Path) -> None:
     report = _soak(tmp_path, "--handshakes", "1000", "--warmup", "300", "--every", "100", "--recreate", "200")
     ran = {r["backend"] for r in report["results"]}
-    for backend in ("engine", "provider"):
+    for backend in available_backends():
         need(backend in ran, STATUS[backend]()[1])
     for result in report["results"]:
         assert result["handshakes"]["count"] == 1000 and result["recreate"]["count"] == 200
@@ -58,7 +58,7 @@ def test_handshakes_and_recreated_contexts_do_not_leak(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("backend", ["engine"])
 def test_the_bound_catches_one_leaked_evp_pkey_per_handshake(tmp_path: Path, backend: str) -> None:
-    need(STATUS[backend]()[0], STATUS[backend]()[1])
+    need_backend(backend)
     report = _soak(tmp_path, "--leak", "--backend", backend, "--handshakes", "600", "--warmup", "200",
                    "--every", "100", "--recreate", "0")  # fmt: skip
     (result,) = report["results"]
