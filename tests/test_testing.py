@@ -41,7 +41,7 @@ def readme_snippet(name: str) -> str:
 
 def _plugin_registered() -> None:
     points = [e for e in importlib.metadata.entry_points(group="pytest11") if e.name == "mtls_engine"]
-    assert [e.value for e in points] == ["mtls_engine.testing._plugin"], (
+    assert [e.value for e in points] == ["mtls_engine._pytest_plugin"], (
         "the pytest11 entry point is not installed; reinstall the package (pip install -e .)"
     )
 
@@ -262,5 +262,17 @@ def test_the_context_manager_removes_everything_and_the_process_exits_cleanly(
 
 def test_importing_mtls_engine_does_not_import_testing() -> None:
     proc = run_python("import sys, mtls_engine; print(sorted(m for m in sys.modules if m.startswith('mtls_engine.t')))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]"]
+
+
+def test_the_plugin_pytest_loads_at_every_start_imports_nothing_heavy() -> None:
+    """pytest imports the plugin in every run where mtls_engine is installed:
+    neither the token machinery nor cryptography may come with it."""
+    proc = run_python(
+        "import sys, mtls_engine._pytest_plugin; "
+        "heavy = ('mtls_engine.t', 'mtls_engine._softhsm', 'cryptography'); "
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["[]"]

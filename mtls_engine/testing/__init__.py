@@ -7,7 +7,7 @@ CA and a server certificate; :meth:`TokenFolder.add_card` puts a token on it
 whose keys are generated *on* the token, with certificates from that CA.
 Everything is removed by :meth:`TokenFolder.close` (or the ``with`` block).
 The pytest plugin (``mtls_card``, ``mtls_token_folder``) is in
-:mod:`mtls_engine.testing._plugin`; docs/testing.md has the whole API.
+:mod:`mtls_engine._pytest_plugin`; docs/testing.md has the whole API.
 
 Never for real cards: the PIN of a test token is a plain attribute.
 """

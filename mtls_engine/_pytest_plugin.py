@@ -1,5 +1,9 @@
 """pytest plugin of mtls_engine.testing (entry point ``pytest11``).
 
+pytest imports it at the start of every run where mtls_engine is
+installed, so it lives outside mtls_engine.testing and imports nothing
+heavy: the token machinery (and cryptography) waits for the first fixture.
+
 Fixtures, session-scoped (one token folder per test process: the PKCS#11
 module reads its configuration once per process):
 
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # importing the package waits for the first fixture
-    from . import Card, TokenFolder
+    from .testing import Card, TokenFolder
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,7 +41,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def mtls_token_folder(request: pytest.FixtureRequest) -> Iterator[TokenFolder]:
     """A throwaway token folder (its own token store, a test CA, a server
     certificate), active in this process for the session."""
-    from . import TokenFolder, missing_tools
+    from .testing import TokenFolder, missing_tools
 
     kind = request.config.getoption("--mtls-token-kind")
     missing = missing_tools(kind)
