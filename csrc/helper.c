@@ -893,6 +893,38 @@ handed:
     return CKR_OK;
 }
 
+/* libp11 0.4.20 and later also look up C_GetInterface in the module they
+   load (for PKCS#11 3.2's C_DecapsulateKey only) and keep what it returns
+   for the engine's lifetime, never finalised.  The lookup goes through this
+   extension's handle, so without a C_GetInterface here it finds
+   libp11-kit.so.0's (a dependency of this extension): p11-kit's proxy
+   module, which loads every module p11-kit is configured with and makes a
+   new proxy state per call, about 48 KB per engine instance that only
+   process exit frees (measured with libp11 0.4.21 and p11-kit 0.26).  The
+   engine signs through the list C_GetFunctionList hands out; it is given
+   no 3.x interface.  Defined under another C name: some pkcs11.h headers
+   declare C_GetInterface with their CK_INTERFACE type, others not at all. */
+__attribute__((visibility("default"))) CK_RV mtls_p11_get_interface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version,
+                                                                    void **out, CK_FLAGS flags) __asm__("C_GetInterface");
+CK_RV mtls_p11_get_interface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, void **out, CK_FLAGS flags)
+{
+    (void)name, (void)version, (void)flags;
+    if (out != NULL)
+        *out = NULL;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+/* The same for the list of interfaces: none but the 2.x function list. */
+__attribute__((visibility("default"))) CK_RV mtls_p11_get_interface_list(void *list, CK_ULONG_PTR count)
+    __asm__("C_GetInterfaceList");
+CK_RV mtls_p11_get_interface_list(void *list, CK_ULONG_PTR count)
+{
+    (void)list;
+    if (count != NULL)
+        *count = 0;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
 /* Wrapper slots: taken now, changed lists handed out so far, module's own
    lists handed out because every slot was taken, and isolated instances
    handed out again (for tests).  Returns the engine instances alive. */
