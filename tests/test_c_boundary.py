@@ -122,9 +122,10 @@ def test_consume_errors_takes_every_error() -> None:
     space: dict[str, Any] = {}
     exec(PUSH_ERRORS, space)
     push_errors = space["push_errors"]
-    # A card-key context left by an earlier test and freed by the garbage
-    # collector between the steps below may leave libp11's "General Error"
-    # on this thread's queue: collect first, and not during the test.
+    # A provider card-key context left by an earlier test and freed by the
+    # garbage collector between the steps below may leave pkcs11-provider's
+    # "General Error" (1.0: freeing a key it imported) on this thread's
+    # queue: collect first, and not during the test.
     gc.collect()
     gc.disable()
     try:
