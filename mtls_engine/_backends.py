@@ -22,9 +22,12 @@ from ._uri import format_uri
 # Never imported at run time (import cost): annotations are strings here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, TypeVar
 
     from ._packages import Package
+
+    _T = TypeVar("_T")
 
 
 BACKENDS = ("engine", "provider")
@@ -106,17 +109,21 @@ def provider_implementation(path: str, name: str | None = None, package: Package
     return "unknown"
 
 
-def _noted_package(path: str) -> Package | None:
-    """The package in the file's ELF note (no dpkg: this runs on every
-    backend choice), read once per file version."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _noted_package_of(path, st.st_mtime_ns, st.st_size)
+def _per_file_version(read: Callable[[str, int, int], _T]) -> Callable[[str], _T | None]:
+    """``read(path, mtime, size)`` once per version of the file (None when
+    it cannot be stat'ed): these run on every backend choice."""
+    cached = functools.lru_cache(maxsize=8)(read)
+
+    def get(path: str) -> _T | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cached(path, st.st_mtime_ns, st.st_size)
+
+    return get
 
 
-@functools.lru_cache(maxsize=8)
 def _noted_package_of(path: str, mtime: int, size: int) -> Package | None:
     from ._packages import Package, elf_package_note, upstream_version  # the provider's only
 
@@ -124,6 +131,9 @@ def _noted_package_of(path: str, mtime: int, size: int) -> Package | None:
     if note is None:
         return None
     return Package(note["name"], note["version"], upstream_version(note["version"]), "elf-note")
+
+
+_noted_package = _per_file_version(_noted_package_of)  # the package in the file's ELF note (no dpkg)
 
 
 def describe_provider(path: str) -> dict[str, str] | None:
@@ -197,19 +207,13 @@ def libcrypto_mismatch(path: str) -> str | None:
     )
 
 
-def _dynamic(path: str) -> dict[str, list[str]] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _dynamic_of(path, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=8)
 def _dynamic_of(path: str, mtime: int, size: int) -> dict[str, list[str]] | None:
     from ._packages import elf_dynamic  # the provider's only
 
     return elf_dynamic(path)
+
+
+_dynamic = _per_file_version(_dynamic_of)
 
 
 # Each backend's availability: (True, path) or (False, why not).
